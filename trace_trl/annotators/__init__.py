@@ -1,0 +1,31 @@
+"""Annotators mark the critical spans of each rollout; see `Annotator` for the protocol."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .base import Annotation, AnnotationRequest, Annotator, bind_annotator, prompt_to_text
+
+
+# Annotators that need optional dependencies (openai) or the trainer load on first use.
+_LAZY_ATTRIBUTES = {
+    "AllTokensAnnotator": "trace_trl.annotators.heuristic",
+    "RandomSpanAnnotator": "trace_trl.annotators.heuristic",
+    "RegexAnnotator": "trace_trl.annotators.heuristic",
+    "OpenAIAnnotator": "trace_trl.annotators.openai_api",
+    "SelfAnnotator": "trace_trl.annotators.self_annotator",
+}
+
+__all__ = ["Annotation", "AnnotationRequest", "Annotator", "bind_annotator", "prompt_to_text", *_LAZY_ATTRIBUTES]
+
+if TYPE_CHECKING:
+    from .heuristic import AllTokensAnnotator, RandomSpanAnnotator, RegexAnnotator
+    from .openai_api import OpenAIAnnotator
+    from .self_annotator import SelfAnnotator
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_ATTRIBUTES:
+        return getattr(importlib.import_module(_LAZY_ATTRIBUTES[name]), name)
+    raise AttributeError(f"module 'trace_trl.annotators' has no attribute {name!r}")

@@ -1,0 +1,241 @@
+"""`TRACEConfig`: `GRPOConfig` plus the fields of the TRACE KL channel, teacher and annotation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jinja2
+import jinja2.meta
+from trl import GRPOConfig
+
+from .schedule import KL_DECAYS
+
+
+SPAN_ACTIONS: tuple[str, ...] = ("fkl", "rkl", "grpo")
+ROUTED_TOKEN_GRPO_MODES: tuple[str, ...] = ("exclusive", "additive", "complementary")
+TEACHER_KINDS: tuple[str, ...] = ("live", "base", "ema")
+ANNOTATION_FAILURE_MODES: tuple[str, ...] = ("skip", "raise")
+
+# Rendered into the last user turn of the teacher's prompt; the completion tokens that follow are the student's.
+# Variables: `problem` (the student's last user message), `privileged_context` (dataset column, may be empty) and
+# `diagnosis` (the annotator's coarse label, may be None). The span text itself is never shown to the teacher.
+DEFAULT_TEACHER_CONTEXT_TEMPLATE = (
+    "{{ problem }}"
+    "{% if privileged_context %}\n\nHere is a verified reference solution to this problem:\n"
+    "{{ privileged_context }}{% endif %}"
+    "{% if diagnosis %}\n\nA reviewer's coarse diagnosis of the attempt that follows: {{ diagnosis }}.{% endif %}"
+    "\n\nUsing what you know, solve the problem correctly in your own words."
+)
+
+
+@dataclass
+class TRACEConfig(GRPOConfig):
+    r"""
+    Configuration for [`TRACETrainer`]: every [`~trl.GRPOConfig`] field plus the TRACE KL channel.
+
+    TRACE routes tokens: key spans of correct rollouts get `key_span_action` (forward KL to the privileged teacher by
+    default), error spans of incorrect rollouts get `error_span_action` (reverse KL by default), and all other tokens
+    get the GRPO loss. The KL channel is weighted by [`~trace_trl.schedule.kl_weight`] at the current optimizer step.
+
+    Parameters:
+        > KL channel
+
+        kl_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of the KL channel during the warm-up. `0.0` makes TRACE exactly GRPO.
+        kl_warmup_steps (`int`, *optional*, defaults to `50`):
+            Optimizer steps at full `kl_coef`.
+        kl_decay_steps (`int`, *optional*, defaults to `50`):
+            Optimizer steps over which the weight then falls to zero; afterwards training is plain GRPO.
+        kl_decay (`str`, *optional*, defaults to `"linear"`):
+            Shape of the decay: `"linear"`, `"cosine"`, `"exponential"`, or `"none"` (constant weight forever, the
+            all-token self-OPD baseline).
+        key_span_action (`str`, *optional*, defaults to `"fkl"`):
+            Loss on key-span tokens of correct rollouts: `"fkl"` = KL(teacher ‖ student), `"rkl"` = KL(student ‖
+            teacher), `"grpo"` = ordinary GRPO (no routing).
+        error_span_action (`str`, *optional*, defaults to `"rkl"`):
+            Loss on error-span tokens of incorrect rollouts, same choices.
+        routed_token_grpo (`str`, *optional*, defaults to `"exclusive"`):
+            What GRPO does on routed tokens while the KL weight is above zero: `"exclusive"` (no GRPO there),
+            `"additive"` (full GRPO as well), `"complementary"` (GRPO weight `1 - kl_weight / kl_coef`).
+        kl_topk (`int` or `None`, *optional*, defaults to `None`):
+            Compute the divergence on the teacher's top-k tokens plus one tail bucket instead of the full vocabulary.
+        kl_temperature (`float` or `None`, *optional*, defaults to `None`):
+            Temperature the logits are divided by in the KL channel; `None` uses `temperature`, like GRPO's
+            log-probabilities.
+
+        > Teacher
+
+        teacher_kind (`str`, *optional*, defaults to `"live"`):
+            `"live"`: the current policy under privileged context; `"base"`: the initial weights (with LoRA, the model
+            with adapters disabled); `"ema"`: an exponential moving average of the weights (or of the LoRA adapter).
+        teacher_ema_rate (`float`, *optional*, defaults to `0.05`):
+            EMA rate `r` in `teacher <- (1 - r) * teacher + r * student`, applied after every optimizer step.
+        privileged_context_column (`str`, *optional*, defaults to `"solution"`):
+            Dataset column holding the privileged context (e.g. a reference solution). Never shown to the student.
+        teacher_context_template (`str`, *optional*):
+            Jinja2 template of the teacher's last user turn, with variables `problem`, `privileged_context` and
+            `diagnosis`. Rendered with the same chat template and `chat_template_kwargs` as the student's prompt.
+        max_teacher_prompt_length (`int` or `None`, *optional*, defaults to `4096`):
+            Longest teacher prompt in tokens. Over-long privileged context is cut first (with a warning); the problem
+            itself is never truncated away.
+
+        > Annotation
+
+        correct_reward_threshold (`float`, *optional*, defaults to `1.0`):
+            A rollout is correct when its reward is at least this value.
+        correctness_reward_func (`str` or `None`, *optional*, defaults to `None`):
+            Name of the reward function that decides correctness (e.g. `"accuracy_reward"`); `None` uses the weighted
+            sum of all rewards.
+        annotation_failure (`str`, *optional*, defaults to `"skip"`):
+            `"skip"`: a failed annotation leaves that rollout to pure GRPO and is counted; `"raise"`: stop training.
+        kl_chunk_size (`int`, *optional*, defaults to `1024`):
+            Routed tokens per chunk of the full-vocabulary divergence; bounds the memory of one `[chunk, vocab]` tile.
+    """
+
+    kl_coef: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the KL channel during the warm-up. 0.0 makes TRACE exactly GRPO."},
+    )
+    kl_warmup_steps: int = field(
+        default=50,
+        metadata={"help": "Optimizer steps at full `kl_coef`."},
+    )
+    kl_decay_steps: int = field(
+        default=50,
+        metadata={"help": "Optimizer steps over which the KL weight then falls to zero (plain GRPO afterwards)."},
+    )
+    kl_decay: str = field(
+        default="linear",
+        metadata={
+            "help": "Shape of the KL-weight decay after the warm-up.",
+            "choices": list(KL_DECAYS),
+        },
+    )
+    key_span_action: str = field(
+        default="fkl",
+        metadata={
+            "help": "Loss on key-span tokens of correct rollouts: 'fkl' = KL(teacher||student), 'rkl' = "
+            "KL(student||teacher), 'grpo' = ordinary GRPO.",
+            "choices": list(SPAN_ACTIONS),
+        },
+    )
+    error_span_action: str = field(
+        default="rkl",
+        metadata={
+            "help": "Loss on error-span tokens of incorrect rollouts: 'rkl', 'fkl' or 'grpo'.",
+            "choices": list(SPAN_ACTIONS),
+        },
+    )
+    routed_token_grpo: str = field(
+        default="exclusive",
+        metadata={
+            "help": "GRPO on routed tokens while the KL weight is above zero: 'exclusive' (none), 'additive' (full), "
+            "'complementary' (weight 1 - kl_weight/kl_coef).",
+            "choices": list(ROUTED_TOKEN_GRPO_MODES),
+        },
+    )
+    kl_topk: int | None = field(
+        default=None,
+        metadata={"help": "Divergence over the teacher's top-k tokens plus a tail bucket instead of the full vocab."},
+    )
+    kl_temperature: float | None = field(
+        default=None,
+        metadata={"help": "Temperature of the KL channel's logits; None uses `temperature` (as GRPO does)."},
+    )
+    teacher_kind: str = field(
+        default="live",
+        metadata={
+            "help": "Teacher weights: 'live' (current policy), 'base' (initial weights; LoRA: adapters off), 'ema'.",
+            "choices": list(TEACHER_KINDS),
+        },
+    )
+    teacher_ema_rate: float = field(
+        default=0.05,
+        metadata={"help": "EMA rate r in teacher <- (1 - r) * teacher + r * student, per optimizer step."},
+    )
+    privileged_context_column: str = field(
+        default="solution",
+        metadata={"help": "Dataset column with the privileged context (e.g. a reference solution)."},
+    )
+    teacher_context_template: str = field(
+        default=DEFAULT_TEACHER_CONTEXT_TEMPLATE,
+        metadata={
+            "help": "Jinja2 template of the teacher's last user turn, with `problem`, `privileged_context` and "
+            "`diagnosis`."
+        },
+    )
+    max_teacher_prompt_length: int | None = field(
+        default=4096,
+        metadata={"help": "Longest teacher prompt in tokens; privileged context is cut first, never the problem."},
+    )
+    correct_reward_threshold: float = field(
+        default=1.0,
+        metadata={"help": "A rollout is correct when its reward is at least this value."},
+    )
+    correctness_reward_func: str | None = field(
+        default=None,
+        metadata={"help": "Name of the reward function that decides correctness; None uses the weighted sum."},
+    )
+    annotation_failure: str = field(
+        default="skip",
+        metadata={
+            "help": "'skip': a failed annotation leaves the rollout to GRPO and is counted; 'raise': stop training.",
+            "choices": list(ANNOTATION_FAILURE_MODES),
+        },
+    )
+    kl_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Routed tokens per chunk of the full-vocabulary divergence."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("kl_decay", self.kl_decay, KL_DECAYS)
+        _check_choice("key_span_action", self.key_span_action, SPAN_ACTIONS)
+        _check_choice("error_span_action", self.error_span_action, SPAN_ACTIONS)
+        _check_choice("routed_token_grpo", self.routed_token_grpo, ROUTED_TOKEN_GRPO_MODES)
+        _check_choice("teacher_kind", self.teacher_kind, TEACHER_KINDS)
+        _check_choice("annotation_failure", self.annotation_failure, ANNOTATION_FAILURE_MODES)
+        if self.kl_coef < 0:
+            raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}.")
+        for name in ("kl_warmup_steps", "kl_decay_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if not 0.0 < self.teacher_ema_rate <= 1.0:
+            raise ValueError(f"`teacher_ema_rate` must be in (0, 1], got {self.teacher_ema_rate}.")
+        if self.kl_topk is not None and self.kl_topk < 1:
+            raise ValueError(f"`kl_topk` must be a positive integer or None, got {self.kl_topk}.")
+        if self.kl_temperature is not None and self.kl_temperature <= 0:
+            raise ValueError(f"`kl_temperature` must be > 0 or None, got {self.kl_temperature}.")
+        if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
+            raise ValueError(
+                f"`max_teacher_prompt_length` must be a positive integer or None, got {self.max_teacher_prompt_length}."
+            )
+        if self.kl_chunk_size < 1:
+            raise ValueError(f"`kl_chunk_size` must be >= 1, got {self.kl_chunk_size}.")
+        if not self.privileged_context_column:
+            raise ValueError("`privileged_context_column` must name a dataset column, got an empty string.")
+        _check_teacher_template(self.teacher_context_template)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+
+
+def _check_teacher_template(template: str) -> None:
+    env = jinja2.Environment()
+    try:
+        variables = jinja2.meta.find_undeclared_variables(env.parse(template))
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"`teacher_context_template` is not a valid Jinja2 template: {exc}") from exc
+    unknown = variables - {"problem", "privileged_context", "diagnosis"}
+    if unknown:
+        raise ValueError(
+            f"`teacher_context_template` uses unknown variables {sorted(unknown)}; the allowed variables are "
+            "'problem', 'privileged_context' and 'diagnosis'."
+        )
+    if "problem" not in variables:
+        raise ValueError(
+            "`teacher_context_template` must contain {{ problem }}: the teacher has to see the problem it is teaching."
+        )
