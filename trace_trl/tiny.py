@@ -179,10 +179,10 @@ def build_tiny_qwen3(
     return model
 
 
-def save_tiny_model(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, output_dir: str | Path) -> Path:
-    """Save model and tokenizer side by side so TRL (and vLLM) can reload them from the path."""
+def save_tiny_model(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, output_dir: str | Path) -> str:
+    """Save model and tokenizer side by side so TRL (and vLLM) can reload them from the path; returns the path."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(output_dir)
     model.save_pretrained(output_dir)
-    return output_dir
+    return str(output_dir)

@@ -1,0 +1,231 @@
+"""Pure loss functions of the TRACE KL channel: no trainer state, the math in the docstrings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+DIVERGENCE_KINDS: tuple[str, ...] = ("fkl", "rkl")
+
+# Route codes of the per-token routing tensor built by the trainer.
+ROUTE_GRPO, ROUTE_FKL, ROUTE_RKL = 0, 1, 2
+ROUTE_CODES: dict[str, int] = {"grpo": ROUTE_GRPO, "fkl": ROUTE_FKL, "rkl": ROUTE_RKL}
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str,
+    *,
+    topk: int | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    r"""Per-row KL divergence between the teacher's and the student's next-token distributions.
+
+    With $p_s = \mathrm{softmax}(z_s / T)$ and $p_t = \mathrm{softmax}(z_t / T)$ over the vocabulary:
+
+    - ``"fkl"`` (forward): $\mathrm{KL}(p_t \,\|\, p_s) = \sum_v p_t(v) \,(\log p_t(v) - \log p_s(v))$, mode-covering;
+    - ``"rkl"`` (reverse): $\mathrm{KL}(p_s \,\|\, p_t) = \sum_v p_s(v) \,(\log p_s(v) - \log p_t(v))$, mode-seeking.
+
+    With ``topk=k`` both distributions are coarsened to $k + 1$ categories: the $k$ most likely tokens of the
+    distribution the KL takes its expectation under (the teacher for ``"fkl"``, the student for ``"rkl"``) and one
+    tail bucket holding the remaining mass, $\log p(\text{tail}) = \log \sum_{v \notin S} p(v)$. The coarsened KL is a
+    lower bound of the full one and equals it when $k \ge V - 1$.
+
+    The teacher is detached: the gradient reaches ``student_logits`` only.
+
+    Args:
+        student_logits (`torch.Tensor`): `[N, V]` student logits.
+        teacher_logits (`torch.Tensor`): `[N, V]` teacher logits.
+        kind (`str`): `"fkl"` or `"rkl"`.
+        topk (`int`, *optional*): size of the top-k support; `None` for the full vocabulary.
+        temperature (`float`, *optional*, defaults to `1.0`): both logits are divided by it.
+
+    Returns:
+        `torch.Tensor`: `[N]` divergences in float32.
+    """
+    if kind not in DIVERGENCE_KINDS:
+        raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}.")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"student_logits and teacher_logits must both be [N, V]; got {tuple(student_logits.shape)} and "
+            f"{tuple(teacher_logits.shape)}."
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    vocab = log_p_s.size(-1)
+    if topk is not None and topk < vocab - 1:
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}.")
+        anchor = log_p_t if kind == "fkl" else log_p_s.detach()
+        support = anchor.topk(topk, dim=-1).indices
+        log_p_s = _topk_with_tail(log_p_s, support)
+        log_p_t = _topk_with_tail(log_p_t, support)
+    if kind == "fkl":
+        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
+
+
+def _topk_with_tail(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """`[N, k + 1]` log-probabilities: the `support` columns, then the log of the mass outside them."""
+    in_support = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, support, True)
+    tail = torch.logsumexp(log_probs.masked_fill(in_support, -math.inf), dim=-1, keepdim=True)
+    return torch.cat([log_probs.gather(-1, support), tail], dim=-1)
+
+
+def output_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    """The LM head applied to `[N, H]` hidden states, with the model's logit scale and soft-capping (Gemma, Cohere)."""
+    logits = F.linear(hidden.to(weight.dtype), weight, bias).float() * logit_scale
+    if final_logit_softcapping is not None:
+        logits = torch.tanh(logits / final_logit_softcapping) * final_logit_softcapping
+    return logits
+
+
+def routed_divergence(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: tuple[torch.Tensor, torch.Tensor | None],
+    teacher_head: tuple[torch.Tensor, torch.Tensor | None],
+    kind: str,
+    *,
+    topk: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    r"""`token_divergence` at `N` routed positions, from hidden states, without ever holding `[N, V]` logits.
+
+    Full vocabulary: TRL's `ChunkedDivergenceFunction` (Triton on CUDA, tiled torch elsewhere) with $\beta = 0$
+    (forward KL) or $\beta = 1$ (reverse KL); it folds the vocabulary in tiles and back-propagates to the student
+    hidden states and head only. With ``topk``: `chunk_size` positions at a time through `token_divergence`, each
+    chunk re-computed in the backward pass (activation checkpointing), so at most one `[chunk_size, V]` tile lives.
+
+    Args:
+        student_hidden (`torch.Tensor`): `[N, H]`, with grad.
+        teacher_hidden (`torch.Tensor`): `[N, H]`, no grad.
+        student_head, teacher_head (`tuple`): `(weight [V, H], bias [V] or None)` of each LM head.
+        kind (`str`): `"fkl"` or `"rkl"`.
+
+    Returns:
+        `torch.Tensor`: `[N]` float32 divergences.
+    """
+    if kind not in DIVERGENCE_KINDS:
+        raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}.")
+    n = student_hidden.size(0)
+    if n == 0:
+        # Keep the graph connected so an empty micro-batch still back-propagates a zero.
+        return student_hidden.sum(-1).float() * 0.0
+    teacher_hidden = teacher_hidden.detach()
+    head_kwargs = {"logit_scale": logit_scale, "final_logit_softcapping": final_logit_softcapping}
+    chunks = []
+    for start in range(0, n, chunk_size):
+        s_h, t_h = student_hidden[start : start + chunk_size], teacher_hidden[start : start + chunk_size]
+        if topk is None:
+            chunks.append(_full_vocab_chunk(s_h, t_h, student_head, teacher_head, kind, temperature, head_kwargs))
+        else:
+            chunks.append(
+                checkpoint(
+                    _topk_chunk, s_h, t_h, *student_head, *teacher_head, kind, topk, temperature,
+                    logit_scale, final_logit_softcapping, use_reentrant=False,
+                )
+            )
+    return torch.cat(chunks)
+
+
+def _full_vocab_chunk(s_h, t_h, student_head, teacher_head, kind, temperature, head_kwargs) -> torch.Tensor:
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    beta = 0.0 if kind == "fkl" else 1.0
+    scale, softcap = head_kwargs["logit_scale"], head_kwargs["final_logit_softcapping"]
+    divergence, _ = ChunkedDivergenceFunction.apply(
+        s_h, *student_head, t_h, *teacher_head, beta, temperature, scale, softcap, scale, softcap
+    )
+    return divergence.float()
+
+
+def _topk_chunk(s_h, t_h, s_w, s_b, t_w, t_b, kind, topk, temperature, logit_scale, softcap) -> torch.Tensor:
+    student_logits = output_logits(s_h, s_w, s_b, logit_scale=logit_scale, final_logit_softcapping=softcap)
+    with torch.no_grad():
+        teacher_logits = output_logits(t_h, t_w, t_b, logit_scale=logit_scale, final_logit_softcapping=softcap)
+    return token_divergence(student_logits, teacher_logits, kind, topk=topk, temperature=temperature)
+
+
+def normalize_like_grpo(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str,
+    gradient_accumulation_steps: float,
+    max_completion_length: int,
+    num_items_in_batch: torch.Tensor | None = None,
+    num_processes: int = 1,
+    steps_per_generation: int = 1,
+    training: bool = True,
+) -> torch.Tensor:
+    r"""Reduce a `[B, T]` per-token loss exactly as GRPO reduces its policy loss for ``loss_type``.
+
+    Let $m$ be the mask, $G$ the gradient-accumulation steps (1 outside training), and $\ell$ the per-token loss:
+
+    - ``grpo``, ``sapo``: $\frac{1}{G}\,\mathrm{mean}_b \frac{\sum_t \ell_{bt} m_{bt}}{\max(1, \sum_t m_{bt})}$
+    - ``bnpo``: $\frac{1}{G}\,\frac{\sum \ell m}{\max(1, \sum m)}$
+    - ``dr_grpo``: $\frac{1}{G}\,\frac{\sum \ell m}{B \cdot L_{\max}}$
+    - ``dapo``, ``cispo``, ``vespo``: $\frac{\sum \ell m}{N_{\text{items}} / P \cdot G / S}$ in training
+      ($N_{\text{items}}$ counts the masked tokens of the whole generation batch on all $P$ processes, $S$ is
+      ``steps_per_generation``), $\frac{\sum \ell m}{N_{\text{items}} / P}$ in evaluation
+    - ``luspo``: $\frac{1}{G}\,\mathrm{mean}_b \sum_t \ell_{bt} m_{bt}$
+
+    So a routed token weighs exactly like a GRPO token at ``kl_coef = 1``, and a masked token contributes zero.
+    """
+    g = gradient_accumulation_steps if training else 1.0
+    masked = per_token * mask
+    if loss_type in ("grpo", "sapo"):
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / g
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0) / g
+    if loss_type == "dr_grpo":
+        return masked.sum() / (per_token.size(0) * max_completion_length) / g
+    if loss_type in ("dapo", "cispo", "vespo"):
+        if num_items_in_batch is None:
+            raise ValueError(f"loss_type={loss_type!r} normalizes by `num_items_in_batch`, which is missing.")
+        normalizer = num_items_in_batch.clamp(min=1.0) / num_processes
+        if training:
+            normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
+        return masked.sum() / normalizer
+    if loss_type == "luspo":
+        return masked.sum(-1).mean() / g
+    raise ValueError(f"Unknown loss_type {loss_type!r}.")
+
+
+def grpo_token_weights(routed: torch.Tensor, *, mode: str, kl_weight: float, kl_coef: float) -> torch.Tensor:
+    r"""Weight of the GRPO loss on each token, given which tokens are routed to the KL channel.
+
+    Non-routed tokens always weigh 1. While $w = $ ``kl_weight`` $> 0$, a routed token weighs:
+
+    - ``"exclusive"``: $0$ (it gets only the KL loss);
+    - ``"additive"``: $1$ (it gets both);
+    - ``"complementary"``: $1 - w / c$ with $c = $ ``kl_coef``, a smooth hand-off from KL back to GRPO.
+
+    Once $w = 0$ every token weighs 1 (plain GRPO). The weights multiply the per-token advantages, which scales the
+    clipped surrogate linearly since the weights are non-negative.
+    """
+    if mode not in ("exclusive", "additive", "complementary"):
+        raise ValueError(f"Unknown routed_token_grpo mode {mode!r}.")
+    routed = routed.float()
+    if kl_weight <= 0.0 or mode == "additive":
+        return torch.ones_like(routed)
+    on_routed = 0.0 if mode == "exclusive" else max(0.0, 1.0 - kl_weight / kl_coef)
+    return 1.0 - routed * (1.0 - on_routed)
