@@ -203,8 +203,13 @@ def _byte_level_token_char_offsets(ids: list[int], tokenizer: Any, text: str) ->
         # A token covers the character holding its first byte through the last character starting before its end.
         low = np.searchsorted(starts, first, side="right") - 1
         high = np.searchsorted(starts, end, side="left")
+        # A zero-byte token (skipped special, unknown id) sits before the character its position falls in, i.e. after
+        # the characters complete before it, which is where prefix decoding puts it too.
+        char_ends = np.append(starts[1:], len(run)) if len(starts) else starts
         empty = first == end
-        low[empty] = high[empty]  # zero-byte tokens sit after the characters that start before them
+        before = np.searchsorted(char_ends, first, side="right")
+        low[empty] = before[empty]
+        high[empty] = before[empty]
         for (index, _, _), lo, hi in zip(run_tokens, (low + position).tolist(), (high + position).tolist()):
             offsets[index] = (lo, hi)
         parts.append(chunk)
@@ -260,26 +265,38 @@ def _common_suffix_length(a: str, b: str) -> int:
 def _exact_token_char_offsets(ids: list[int], tokenizer: Any, text: str) -> list[tuple[int, int]]:
     """Tokenizer-agnostic offsets from prefix and suffix decoding: O(n²) decode work for n tokens.
 
-    With `P_i = decode(ids[:i])` and `S_i = decode(ids[i:])`, token `i` starts at `min(lcp(P_i, text),
-    len(text) - lcs(S_i, text))` (the suffix bound catches a token whose first bytes extend an unfinished character
-    of the previous ones) and ends at `lcp(P_{i+1}, text)`, plus one when `P_{i+1}` has characters beyond the common
-    prefix, i.e. the token stops inside a character that the next tokens complete.
+    With `P_i = decode(ids[:i])`, `S_i = decode(ids[i:])` and `L_i = lcp(P_i, text)`, token `i` starts at
+    `max(L_i - 1, min(L_i, len(text) - lcs(S_i, text)))` (the suffix bound catches a token whose first bytes extend an
+    unfinished character of the previous ones) and ends at `L_{i+1}`, plus one when `P_{i+1}` has characters beyond
+    the common prefix, i.e. the token stops inside a character that the next tokens complete. A special token sits
+    empty at `L_i`, or where the next token starts if that is earlier.
     """
     info = _vocabulary_info(tokenizer)
     n = len(ids)
     prefixes = [_decode(tokenizer, ids[:i]) for i in range(n + 1)]
     prefix_common = [_common_prefix_length(prefix, text) for prefix in prefixes]
-    offsets = []
+    offsets: list[tuple[int, int]] = []
     for i, token_id in enumerate(ids):
-        suffix_bound = len(text) - _common_suffix_length(_decode(tokenizer, ids[i:]), text)
-        low = min(prefix_common[i], suffix_bound)
         if token_id in info.special:
-            offsets.append((prefix_common[i], prefix_common[i]))
+            offsets.append((prefix_common[i], prefix_common[i]))  # refined below
             continue
+        # A token extends at most one unfinished character, so the suffix bound moves the start back by at most one
+        # character (which also guards against a coincidental U+FFFD match).
+        suffix_bound = len(text) - _common_suffix_length(_decode(tokenizer, ids[i:]), text)
+        low = max(prefix_common[i] - 1, min(prefix_common[i], suffix_bound))
         high = prefix_common[i + 1]
         if len(prefixes[i + 1]) > high and high < len(text):
             high += 1
         offsets.append((low, max(low, high)))
+    # A special token inside an unfinished character sits before that character (where the next token starts), even
+    # when the prefix decoded so far happens to end in a U+FFFD that matches the text.
+    next_start = None
+    for i in range(n - 1, -1, -1):
+        if ids[i] in info.special:
+            if next_start is not None and next_start < offsets[i][0]:
+                offsets[i] = (next_start, next_start)
+        else:
+            next_start = offsets[i][0]
     return offsets
 
 
