@@ -218,8 +218,9 @@ def test_labels_from_offsets_matches_brute_force():
             spans.append(Span(a, a + rng.randint(0, 6), rng.choice(["key", "error"])))
         expected = []
         for s, e in offsets:
-            # Overlap rule, with empty spans labelling nothing (the formula alone would let [a, a) hit [s, e) ∋ a).
-            kinds = {span.kind for span in spans if s < span.end and span.start < e and span.start < span.end}
+            # Overlap rule; empty spans and empty token ranges label nothing (the formula alone would let an empty
+            # range [a, a) hit a range that contains a).
+            kinds = {span.kind for span in spans if s < span.end and span.start < e and span.start < span.end and s < e}
             expected.append(2 if "error" in kinds else 1 if "key" in kinds else 0)
         assert labels_from_offsets(offsets, spans) == expected
 
