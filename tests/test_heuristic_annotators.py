@@ -193,7 +193,11 @@ def test_random_spans_like_failures_pass_through_and_bind_forwards():
 
 def test_random_spans_that_do_not_fit_stay_in_range():
     request = _request("abcdef")
-    like = lambda requests: [Annotation(spans=(Span(0, 5, "key"), Span(1, 6, "key"), Span(0, 60, "key")))]  # noqa: E731
+    spans = (Span(0, 5, "key"), Span(1, 6, "key"), Span(0, 60, "key"))  # 16 characters for a 6-character text
+
+    def like(requests):
+        return [Annotation(spans=spans)]
+
     (annotation,) = RandomSpanAnnotator(like=like)([request])
     _check_in_range([request], [annotation])
     assert sorted(len(s) for s in annotation.spans) == [5, 5, 6]
