@@ -41,9 +41,9 @@ class Span:
         return self.end - self.start
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Token -> character offsets
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 #
 # `token_char_offsets` answers "which characters of `decode(completion_ids, skip_special_tokens=True)` does each token
 # produce?". The fast path reproduces what a byte-level BPE decoder (🤗 tokenizers' `ByteLevel`) does:
@@ -308,8 +308,8 @@ def token_char_offsets(completion_ids: Sequence[int], tokenizer: Any) -> list[tu
 
     - a byte-level token holding part of a multi-byte UTF-8 character covers that whole character, so neighbouring
       tokens can share a character (ranges may overlap by one character, and are non-decreasing);
-    - bytes that are not valid UTF-8 decode to U+FFFD per maximal invalid subpart, as in `errors="replace"`; every token
-      contributing bytes to such a U+FFFD covers it;
+    - bytes that are not valid UTF-8 decode to U+FFFD per maximal invalid subpart, as in `errors="replace"`; every
+      token contributing bytes to such a U+FFFD covers it;
     - special tokens (skipped by the decode, or listed in `tokenizer.all_special_ids`) get an empty range `(p, p)`;
     - added tokens that are not special (e.g. Qwen3's `<think>`) cover their literal content.
 
@@ -337,9 +337,9 @@ def token_char_offsets(completion_ids: Sequence[int], tokenizer: Any) -> list[tu
     return offsets
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Spans -> token labels
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 LABEL_NONE = 0
 LABEL_KEY = 1
@@ -432,9 +432,9 @@ def token_labels(completion_ids: Sequence[int], spans: Iterable[Span], tokenizer
     return labels_from_offsets(token_char_offsets(ids, tokenizer), spans)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Quotes -> spans
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def locate_quote(text: str, quote: str, start: int = 0) -> tuple[int, int] | None:

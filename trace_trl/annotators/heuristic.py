@@ -31,7 +31,9 @@ def _diagnosis_for(diagnosis: Diagnosis, request: AnnotationRequest) -> str | No
 
 def _check_diagnosis(diagnosis: Any) -> None:
     if diagnosis is not None and not isinstance(diagnosis, str) and not callable(diagnosis):
-        raise ValueError(f"`diagnosis` must be a string, a callable(request) -> str | None, or None, got {diagnosis!r}.")
+        raise ValueError(
+            f"`diagnosis` must be a string, a callable(request) -> str | None, or None, got {diagnosis!r}."
+        )
 
 
 class AllTokensAnnotator:
@@ -103,8 +105,9 @@ def _compile_patterns(name: str, patterns: Any, flags: int) -> tuple[re.Pattern[
 class RegexAnnotator:
     """Spans from regular expressions: key patterns in correct rollouts, error patterns in incorrect ones.
 
-    Every non-overlapping match of a pattern (as `re.finditer` finds them) becomes a span; a pattern with a capture group
-    marks group 1 instead of the whole match (a match where group 1 did not take part, or any empty match, is skipped).
+    Every non-overlapping match of a pattern (as `re.finditer` finds them) becomes a span; a pattern with a capture
+    group marks group 1 instead of the whole match (a match where group 1 did not take part, or any empty match,
+    is skipped).
     Spans of different patterns may overlap; token labelling takes their union.
 
     Class constants hold common patterns:
@@ -129,7 +132,8 @@ class RegexAnnotator:
 
     ```python
     >>> annotator = RegexAnnotator(key_patterns=[RegexAnnotator.BOXED, RegexAnnotator.EQUATION])
-    >>> request = AnnotationRequest(prompt="6*7?", completion="6 * 7 = 42, so \\\\boxed{42}", is_correct=True, reward=1)
+    >>> completion = "6 * 7 = 42, so \\\\boxed{42}"
+    >>> request = AnnotationRequest(prompt="6*7?", completion=completion, is_correct=True, reward=1.0)
     >>> [request.completion[s.start : s.end] for s in annotator([request])[0].spans]
     ['6 * 7 = 42', '\\\\boxed{42}']
     ```
@@ -202,8 +206,8 @@ def _place(rng: random.Random, text_length: int, pieces: list[tuple[int, str]]) 
     """Put `(length, kind)` pieces at random positions of `[0, text_length)`, non-overlapping when they fit.
 
     Non-overlapping placement: the `text_length - total` free characters are split into `len(pieces) + 1` gaps by
-    sorted uniform cut points, and the pieces (in random order) sit between the gaps. When the pieces do not fit side by
-    side, each is placed independently (they may then overlap).
+    sorted uniform cut points, and the pieces (in random order) sit between the gaps. When the pieces do not fit side
+    by side, each is placed independently (they may then overlap).
     """
     pieces = [(min(max(length, 0), text_length), kind) for length, kind in pieces]
     rng.shuffle(pieces)
@@ -230,8 +234,8 @@ class RandomSpanAnnotator:
     Two modes:
 
     - alone: each rollout gets `num_spans` non-overlapping spans (key in correct rollouts, error in incorrect ones)
-      covering about `span_fraction` of its characters in total, `round(span_fraction * len(completion))` characters split
-      as evenly as possible (fewer spans when there are fewer characters than spans);
+      covering about `span_fraction` of its characters in total: `round(span_fraction * len(completion))` characters,
+      split as evenly as possible (fewer spans when there are fewer characters than spans);
     - `like=annotator`: the other annotator is called first, and each rollout gets the **same number of spans with the
       same lengths and kinds** at random positions (non-overlapping when their total length fits), so that only the
       placement differs ("random spans of matched length"). The diagnosis and bookkeeping of the other annotation are
@@ -262,7 +266,8 @@ class RandomSpanAnnotator:
     ) -> None:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an int, got {seed!r}.")
-        if isinstance(span_fraction, bool) or not isinstance(span_fraction, (int, float)) or not 0 <= span_fraction <= 1:
+        is_number = isinstance(span_fraction, (int, float)) and not isinstance(span_fraction, bool)
+        if not is_number or not 0 <= span_fraction <= 1:
             raise ValueError(f"`span_fraction` must be a number in [0, 1], got {span_fraction!r}.")
         if not isinstance(num_spans, int) or isinstance(num_spans, bool) or num_spans < 1:
             raise ValueError(f"`num_spans` must be an int >= 1, got {num_spans!r}.")
@@ -276,7 +281,8 @@ class RandomSpanAnnotator:
     def __repr__(self) -> str:
         if self.like is not None:
             return f"{type(self).__name__}(seed={self.seed}, like={self.like!r})"
-        return f"{type(self).__name__}(seed={self.seed}, span_fraction={self.span_fraction}, num_spans={self.num_spans})"
+        name = type(self).__name__
+        return f"{name}(seed={self.seed}, span_fraction={self.span_fraction}, num_spans={self.num_spans})"
 
     def bind(self, trainer: Any) -> None:
         """Forward the trainer to the matched annotator, which may need the policy (e.g. `SelfAnnotator`)."""
