@@ -85,14 +85,21 @@ def extract_boxed(text: str | None) -> str | None:
     '\\frac{1}{2}'
     ```
     """
+    boxes = find_boxed(text)
+    return boxes[-1] if boxes else None
+
+
+def find_boxed(text: str | None) -> list[str]:
+    r"""Contents of every complete `\boxed{...}` / `\fbox{...}` in `text`, in order (see [`extract_boxed`])."""
     if not text:
-        return None
+        return []
     starts = sorted(m.start() for cmd in _BOX_COMMANDS for m in re.finditer(re.escape(cmd) + r"(?![A-Za-z])", text))
-    for start in reversed(starts):
+    boxes = []
+    for start in starts:
         content = _read_box(text, start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox")))
         if content is not None:
-            return content.strip()
-    return None
+            boxes.append(content.strip())
+    return boxes
 
 
 def _read_box(text: str, pos: int) -> str | None:
