@@ -177,3 +177,21 @@ def test_check_solutions_on_a_dataset():
     assert check_solutions(dataset, drop_empty=True)["solution"] == ["a", "b"]
     with pytest.raises(ValueError, match="available columns"):
         check_solutions(dataset, "context")
+
+
+def test_custom_conversational_prompt_column(tmp_path):
+    from datasets import Dataset
+
+    rows = {
+        "prompt": [[{"role": "user", "content": "What is 1 + 2? Box it."}]],
+        "answer": ["3"],
+        "solution": ["1 + 2 = 3"],
+    }
+    path = tmp_path / "chat.jsonl"
+    Dataset.from_dict(rows).to_json(str(path))
+    dataset = load_math_dataset(str(path), prompt_column="prompt", system_prompt="Be careful.")
+    assert dataset[0]["prompt"] == [
+        {"role": "system", "content": "Be careful."},
+        {"role": "user", "content": "What is 1 + 2? Box it."},
+    ]
+    assert dataset[0]["problem"] == "What is 1 + 2? Box it."

@@ -207,7 +207,8 @@ def load_math_dataset(
         config_name (`str` or `None`, *optional*, defaults to `None`):
             Hub config; `None` picks the source's default (`"main"` for gsm8k).
         prompt_column (`str`, *optional*, defaults to `"problem"`):
-            `"custom"` only: column with the problem text.
+            `"custom"` only: column with the problem text, or with a conversational prompt (a list of messages),
+            which is then kept as is: no instruction is appended, and `problem` is its last user message.
         answer_column (`str` or `None`, *optional*, defaults to `"answer"`):
             `"custom"` only: column with the gold answer. `None` extracts the answer from the last `\boxed{}` of the
             solution.
@@ -373,12 +374,21 @@ def _row(
     instruction: str | None,
     strip_thinking: bool,
 ) -> dict[str, Any]:
-    problem = "" if problem is None else str(problem)
     solution = "" if solution is None else str(solution)
     if strip_thinking:
         solution = strip_think(solution)
+    if isinstance(problem, list):
+        # Already conversational: kept as is (the user wrote the instruction), a system turn added when asked.
+        prompt = [dict(message) for message in problem]
+        if system_prompt and not any(message.get("role") == "system" for message in prompt):
+            prompt.insert(0, {"role": "system", "content": system_prompt})
+        users = [message["content"] for message in prompt if message.get("role") == "user"]
+        problem = users[-1] if users else ""
+    else:
+        problem = "" if problem is None else str(problem)
+        prompt = make_prompt(problem, system_prompt, instruction)
     return {
-        "prompt": make_prompt(problem, system_prompt, instruction),
+        "prompt": prompt,
         "problem": problem,
         "answer": _answer_to_str(answer),
         "solution": solution,
