@@ -34,7 +34,8 @@ Completion = str | list[dict[str, str]]
 CHOICE_LETTERS = "ABCD"
 
 # Multiple-choice patterns, strongest first; within a pattern the last match wins.
-_ANSWER_STATEMENT = re.compile(r"answer\s*(?:is|:)?\s*[:：]?\s*[*(\[]*\s*([A-D])(?![A-Za-z])", re.IGNORECASE)
+# The letter itself is case-sensitive, so "the answer is a bit unclear" does not read as A.
+_ANSWER_STATEMENT = re.compile(r"(?i:answer)\s*(?:(?i:is)|:)?\s*[:：]?\s*[*(\[]*\s*([A-D])(?![A-Za-z])")
 _PARENTHESIZED = re.compile(r"\(([A-D])\)")
 _TRAILING_LETTER = re.compile(r"(?:^|[\s:*(\[])([A-D])[\s.)*\]]*$")
 _LATEX_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
