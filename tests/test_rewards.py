@@ -172,3 +172,40 @@ def test_helpers():
 def test_names_for_trl_logs():
     for name, function in REWARD_FUNCTIONS.items():
         assert function.__name__ == name
+
+
+def test_dataset_and_rewards_plug_into_grpo_trainer(tiny_model_dir, tmp_path):
+    """The loader's columns reach TRL's reward functions, and each reward is logged under its own name."""
+    from pathlib import Path
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trace_trl.data import load_math_dataset
+
+    dataset = load_math_dataset(str(Path(__file__).parent / "fixtures" / "math_lighteval.jsonl"), source="math")
+    seen = {}
+
+    def spy_reward(completions, answer, solution, **kwargs):
+        seen.update(answer=answer, solution=solution, completion=completions[0])
+        return [0.0] * len(completions)
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=3,
+        num_generations=3,
+        max_completion_length=8,
+        max_steps=1,
+        report_to="none",
+        chat_template_kwargs={"enable_thinking": False},
+    )
+    rewards = [accuracy_reward, boxed_match_reward, format_reward, spy_reward]
+    trainer = GRPOTrainer(model=tiny_model_dir, reward_funcs=rewards, args=args, train_dataset=dataset)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    for name in ("accuracy_reward", "boxed_match_reward", "format_reward"):
+        assert f"rewards/{name}/mean" in logged
+    assert set(seen["answer"]) <= set(dataset["answer"])
+    assert set(seen["solution"]) <= set(dataset["solution"])
+    assert seen["completion"][0]["role"] == "assistant"  # conversational completions
