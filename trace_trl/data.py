@@ -1,0 +1,430 @@
+r"""Math training sets in TRACE's format: a conversational `prompt`, a verifiable `answer` and a privileged `solution`.
+
+Every loader returns a [`~datasets.Dataset`] with these columns:
+
+- `prompt` (`list[dict[str, str]]`): the student's conversation, an optional system turn and one user turn holding the
+  problem followed by an instruction to put the final answer in `\boxed{}`. No think tags are added: Qwen3's thinking
+  mode is switched at the trainer with `chat_template_kwargs={"enable_thinking": ...}`.
+- `problem` (`str`): the raw problem text.
+- `answer` (`str`): the gold final answer, read by [`~trace_trl.rewards.accuracy_reward`] and friends.
+- `solution` (`str`): the reference solution, TRACE's privileged context (`TRACEConfig.privileged_context_column`).
+  It is never put in `prompt`.
+
+Supported Hub schemas (the column names are the ones each loader reads):
+
+| `source`   | Hub id                              | problem    | answer                                  | solution                       |
+| ---------- | ----------------------------------- | ---------- | --------------------------------------- | ------------------------------ |
+| `"math"`   | `DigitalLearningGmbH/MATH-lighteval` | `problem`  | last `\boxed{}` of `solution`           | `solution`                     |
+| `"gsm8k"`  | `openai/gsm8k` (config `main`)       | `question` | the number after `####` in `answer`     | `answer` before `####`         |
+| `"numina"` | `AI-MO/NuminaMath-CoT`               | `problem`  | last `\boxed{}` of `solution`           | `solution`                     |
+| `"openr1"` | `open-r1/OpenR1-Math-220k`           | `problem`  | `answer`                                | `solution`                     |
+| `"custom"` | any Hub id or local file            | `prompt_column` | `answer_column` (or `\boxed{}` of the solution) | `solution_column`    |
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+
+logger = logging.getLogger(__name__)
+
+# The instruction used by Qwen's and DeepSeek's math evaluations, so rewards and evaluation look in the same place.
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+SOURCES: tuple[str, ...] = ("math", "gsm8k", "numina", "openr1", "custom")
+
+# Hub id fragment -> source, used when `source=None`. Matched case-insensitively against `name_or_path`.
+_SOURCE_HINTS: dict[str, str] = {
+    "math-lighteval": "math",
+    "gsm8k": "gsm8k",
+    "numinamath": "numina",
+    "openr1-math": "openr1",
+}
+
+# Default Hub config per source (gsm8k has "main" and "socratic"; the others have a single default config).
+_DEFAULT_CONFIGS: dict[str, str | None] = {"gsm8k": "main"}
+
+# Local file extension -> `datasets` builder.
+_FILE_BUILDERS: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+_BOX_COMMANDS: tuple[str, ...] = ("\\boxed", "\\fbox")
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+_GSM8K_CALCULATOR = re.compile(r"<<[^<>]*>>")  # gsm8k's calculator annotations, e.g. "<<48/2=24>>"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text helpers (no `datasets` import: the rewards use them inside the training loop)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def extract_boxed(text: str | None) -> str | None:
+    r"""
+    Content of the last `\boxed{...}` (or `\fbox{...}`) in `text`, with nested braces; `None` when there is none.
+
+    The brace-less form `\boxed 5` (found in a few MATH solutions) is also read, up to the next whitespace or `$`.
+    An unclosed last box (a truncated completion) is skipped in favour of the previous complete one.
+
+    Args:
+        text (`str` or `None`):
+            Text to search.
+
+    Returns:
+        `str` or `None`: The content of the last complete box, stripped of surrounding whitespace.
+
+    Example:
+    ```python
+    >>> extract_boxed(r"so \boxed{1} or rather \boxed{\frac{1}{2}}")
+    '\\frac{1}{2}'
+    ```
+    """
+    boxes = find_boxed(text)
+    return boxes[-1] if boxes else None
+
+
+def find_boxed(text: str | None) -> list[str]:
+    r"""Contents of every complete `\boxed{...}` / `\fbox{...}` in `text`, in order (see [`extract_boxed`])."""
+    if not text:
+        return []
+    starts = sorted(m.start() for cmd in _BOX_COMMANDS for m in re.finditer(re.escape(cmd) + r"(?![A-Za-z])", text))
+    boxes = []
+    for start in starts:
+        content = _read_box(text, start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox")))
+        if content is not None:
+            boxes.append(content.strip())
+    return boxes
+
+
+def _read_box(text: str, pos: int) -> str | None:
+    """Read the argument of a box command whose name ends at `pos`; `None` when it is unbalanced or empty."""
+    while pos < len(text) and text[pos] == " ":
+        pos += 1
+    if pos >= len(text):
+        return None
+    if text[pos] != "{":
+        # `\boxed 5`: the argument runs to the next whitespace or math delimiter.
+        match = re.match(r"[^\s$]+", text[pos:])
+        return match.group(0) if match and pos > 0 and text[pos - 1] == " " else None
+    depth = 0
+    for i in range(pos, len(text)):
+        if text[i] == "{" and text[i - 1] != "\\":
+            depth += 1
+        elif text[i] == "}" and text[i - 1] != "\\":
+            depth -= 1
+            if depth == 0:
+                return text[pos + 1 : i]
+    return None
+
+
+def strip_think(text: str) -> str:
+    """Remove `<think>...</think>` blocks (and an unclosed leading `<think>` up to a final `</think>`) from `text`."""
+    text = _THINK_BLOCK.sub("", text)
+    # A block opened by the chat template (only "</think>" is in the text) leaves everything before the close tag.
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    return text.strip()
+
+
+def make_prompt(
+    problem: str, system_prompt: str | None = None, instruction: str | None = DEFAULT_INSTRUCTION
+) -> list[dict[str, str]]:
+    r"""
+    The student's conversational prompt for a math problem.
+
+    Args:
+        problem (`str`):
+            The problem statement.
+        system_prompt (`str` or `None`, *optional*, defaults to `None`):
+            Content of a system turn; none when `None`.
+        instruction (`str` or `None`, *optional*, defaults to `DEFAULT_INSTRUCTION`):
+            Appended to the problem after a blank line; asks for the final answer in `\boxed{}`. `None` adds nothing.
+
+    Returns:
+        `list[dict[str, str]]`: Messages for `tokenizer.apply_chat_template`. No think tags are added here: thinking
+        is switched by `chat_template_kwargs={"enable_thinking": ...}` at the trainer.
+
+    Example:
+    ```python
+    >>> make_prompt("What is 1 + 1?")
+    [{'role': 'user', 'content': 'What is 1 + 1?\n\nPlease reason step by step, and put your final answer within \\boxed{}.'}]
+    ```
+    """
+    content = problem.strip() if instruction is None else f"{problem.strip()}\n\n{instruction}"
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def split_gsm8k_answer(answer: str) -> tuple[str, str]:
+    """Split a gsm8k `answer` ("reasoning ... #### 1,234") into (reasoning without calculator annotations, "1234")."""
+    if "####" not in answer:
+        return answer.strip(), ""
+    reasoning, final = answer.rsplit("####", 1)
+    return _GSM8K_CALCULATOR.sub("", reasoning).strip(), final.strip().replace(",", "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_math_dataset(
+    name_or_path: str,
+    *,
+    split: str = "train",
+    source: str | None = None,
+    config_name: str | None = None,
+    prompt_column: str = "problem",
+    answer_column: str | None = "answer",
+    solution_column: str = "solution",
+    system_prompt: str | None = None,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    strip_thinking: bool = False,
+    drop_empty_solutions: bool = False,
+    keep_columns: Sequence[str] = (),
+    num_proc: int | None = None,
+    limit: int | None = None,
+) -> Dataset:
+    r"""
+    Load a math training set from the Hub or a local file and convert it to TRACE's format.
+
+    Args:
+        name_or_path (`str`):
+            A Hub dataset id (e.g. `"DigitalLearningGmbH/MATH-lighteval"`), a local `.json`/`.jsonl`/`.parquet`/`.csv`
+            file, or a local dataset folder.
+        split (`str`, *optional*, defaults to `"train"`):
+            Split to load. Local files have a single `"train"` split.
+        source (`str` or `None`, *optional*, defaults to `None`):
+            Schema of the data: `"math"`, `"gsm8k"`, `"numina"`, `"openr1"` or `"custom"` (see the module docstring).
+            `None` guesses from `name_or_path` and falls back to `"custom"`.
+        config_name (`str` or `None`, *optional*, defaults to `None`):
+            Hub config; `None` picks the source's default (`"main"` for gsm8k).
+        prompt_column (`str`, *optional*, defaults to `"problem"`):
+            `"custom"` only: column with the problem text, or with a conversational prompt (a list of messages),
+            which is then kept as is: no instruction is appended, and `problem` is its last user message.
+        answer_column (`str` or `None`, *optional*, defaults to `"answer"`):
+            `"custom"` only: column with the gold answer. `None` extracts the answer from the last `\boxed{}` of the
+            solution.
+        solution_column (`str`, *optional*, defaults to `"solution"`):
+            `"custom"` only: column with the reference solution (the privileged context).
+        system_prompt (`str` or `None`, *optional*, defaults to `None`):
+            Optional system turn of every prompt.
+        instruction (`str` or `None`, *optional*, defaults to `DEFAULT_INSTRUCTION`):
+            Instruction appended to each problem; see [`make_prompt`].
+        strip_thinking (`bool`, *optional*, defaults to `False`):
+            Remove `<think>...</think>` blocks from the reference solutions (e.g. distilled reasoning traces), so the
+            teacher sees the worked solution only.
+        drop_empty_solutions (`bool`, *optional*, defaults to `False`):
+            Drop rows whose solution is empty (with a warning) instead of raising a `ValueError`.
+        keep_columns (`Sequence[str]`, *optional*, defaults to `()`):
+            Source columns to keep beside the output columns (e.g. `("level", "type")` for MATH).
+        num_proc (`int` or `None`, *optional*, defaults to `None`):
+            Processes for `Dataset.map`.
+        limit (`int` or `None`, *optional*, defaults to `None`):
+            Keep only the first `limit` rows (taken before conversion, so it is cheap).
+
+    Returns:
+        [`~datasets.Dataset`]: Columns `prompt`, `problem`, `answer`, `solution` (plus `keep_columns`). Rows without a
+        verifiable answer are dropped with a warning.
+
+    Raises:
+        `ValueError`: When a needed column is missing (the message lists the available columns), or when some
+        solutions are empty and `drop_empty_solutions=False` (the message gives their count and indices).
+
+    Example:
+    ```python
+    >>> from trace_trl.data import load_math_dataset
+
+    >>> dataset = load_math_dataset("DigitalLearningGmbH/MATH-lighteval", split="train")
+    >>> dataset = load_math_dataset("my_data.jsonl", prompt_column="question", answer_column="final",
+    ...                             solution_column="worked_solution")
+    ```
+    """
+    source = guess_source(name_or_path) if source is None else source
+    if source not in SOURCES:
+        raise ValueError(f"`source` must be one of {', '.join(repr(s) for s in SOURCES)} or None; got {source!r}.")
+    raw = load_raw_dataset(name_or_path, split=split, config_name=config_name or _DEFAULT_CONFIGS.get(source))
+    if limit is not None:
+        raw = raw.select(range(min(limit, len(raw))))
+
+    if source == "custom":
+        columns = {"problem": prompt_column, "solution": solution_column}
+        if answer_column is not None:
+            columns["answer"] = answer_column
+    else:
+        columns = _SOURCE_COLUMNS[source]
+    for role, column in columns.items():
+        _require_column(raw, column, role=role, name_or_path=name_or_path)
+    for column in keep_columns:
+        _require_column(raw, column, role="kept", name_or_path=name_or_path)
+
+    convert = _CONVERTERS.get(source, _convert_custom)
+    dataset = raw.map(
+        convert,
+        fn_kwargs={
+            "columns": columns,
+            "system_prompt": system_prompt,
+            "instruction": instruction,
+            "strip_thinking": strip_thinking,
+        },
+        remove_columns=[c for c in raw.column_names if c not in keep_columns],
+        num_proc=num_proc,
+        desc=f"Formatting {name_or_path}",
+    )
+    dataset = check_solutions(dataset, "solution", drop_empty=drop_empty_solutions, source_column=columns["solution"])
+    return _drop_unverifiable(dataset, num_proc=num_proc)
+
+
+def guess_source(name_or_path: str) -> str:
+    """The schema a dataset id suggests (see `_SOURCE_HINTS`), or `"custom"`."""
+    lowered = name_or_path.lower()
+    for hint, source in _SOURCE_HINTS.items():
+        if hint in lowered:
+            return source
+    return "custom"
+
+
+def load_raw_dataset(name_or_path: str, *, split: str = "train", config_name: str | None = None) -> Dataset:
+    """Load a Hub dataset, a local data file (json/jsonl/parquet/csv) or a local dataset folder, unchanged."""
+    from datasets import load_dataset
+
+    extension = os.path.splitext(name_or_path)[1].lower()
+    if os.path.isfile(name_or_path):
+        if extension not in _FILE_BUILDERS:
+            raise ValueError(
+                f"Cannot read {name_or_path!r}: local files must end in {', '.join(_FILE_BUILDERS)}; got {extension!r}."
+            )
+        # A local file is a single split, which `datasets` names "train" whatever `split` says.
+        return load_dataset(_FILE_BUILDERS[extension], data_files=name_or_path, split="train")
+    if os.path.isdir(name_or_path):
+        return load_dataset(name_or_path, config_name, split=split)
+    return load_dataset(name_or_path, config_name, split=split)
+
+
+def check_solutions(
+    dataset: Dataset, column: str = "solution", *, drop_empty: bool = False, source_column: str | None = None
+) -> Dataset:
+    """
+    Check that every row of `dataset` has a non-empty privileged context in `column`.
+
+    Args:
+        dataset ([`~datasets.Dataset`]):
+            Dataset to check.
+        column (`str`, *optional*, defaults to `"solution"`):
+            The privileged-context column.
+        drop_empty (`bool`, *optional*, defaults to `False`):
+            Drop rows with an empty or missing value (with a warning) instead of raising.
+        source_column (`str` or `None`, *optional*, defaults to `None`):
+            Name of the column the values came from, for the error message.
+
+    Returns:
+        [`~datasets.Dataset`]: `dataset`, or a filtered copy when `drop_empty=True`.
+
+    Raises:
+        `ValueError`: When `column` is missing, or some rows are empty and `drop_empty=False`.
+    """
+    _require_column(dataset, column, role="solution", name_or_path="the dataset")
+    empty = [i for i, value in enumerate(dataset[column]) if value is None or not str(value).strip()]
+    if not empty:
+        return dataset
+    named = f"{column!r}" if source_column in (None, column) else f"{column!r} (from column {source_column!r})"
+    shown = ", ".join(map(str, empty[:20])) + (", ..." if len(empty) > 20 else "")
+    if not drop_empty:
+        raise ValueError(
+            f"The privileged context column {named} is empty in {len(empty)} of {len(dataset)} rows "
+            f"(indices {shown}). TRACE's teacher needs a reference solution for every problem: fill them in, or pass "
+            "`drop_empty_solutions=True` to drop these rows."
+        )
+    logger.warning("Dropping %d of %d rows with an empty %s (indices %s).", len(empty), len(dataset), named, shown)
+    empty_set = set(empty)
+    return dataset.select([i for i in range(len(dataset)) if i not in empty_set])
+
+
+def _require_column(dataset: Dataset, column: str, *, role: str, name_or_path: str) -> None:
+    if column not in dataset.column_names:
+        role = "the privileged context" if role == "solution" else f"the {role}"
+        raise ValueError(
+            f"Column {column!r} ({role}) not found in {name_or_path}; available columns: {dataset.column_names}. "
+            "Pass `source=` to pick a known schema or the `*_column` arguments to map your columns."
+        )
+
+
+def _drop_unverifiable(dataset: Dataset, *, num_proc: int | None) -> Dataset:
+    # Without a gold answer the reward is undefined; such rows (e.g. proofs in NuminaMath) cannot train GRPO.
+    keep = [i for i, answer in enumerate(dataset["answer"]) if answer]
+    if len(keep) < len(dataset):
+        logger.warning("Dropping %d of %d rows without a verifiable answer.", len(dataset) - len(keep), len(dataset))
+        dataset = dataset.select(keep)
+    return dataset
+
+
+def _row(
+    problem: Any,
+    answer: Any,
+    solution: Any,
+    *,
+    system_prompt: str | None,
+    instruction: str | None,
+    strip_thinking: bool,
+) -> dict[str, Any]:
+    solution = "" if solution is None else str(solution)
+    if strip_thinking:
+        solution = strip_think(solution)
+    if isinstance(problem, list):
+        # Already conversational: kept as is (the user wrote the instruction), a system turn added when asked.
+        prompt = [dict(message) for message in problem]
+        if system_prompt and not any(message.get("role") == "system" for message in prompt):
+            prompt.insert(0, {"role": "system", "content": system_prompt})
+        users = [message["content"] for message in prompt if message.get("role") == "user"]
+        problem = users[-1] if users else ""
+    else:
+        problem = "" if problem is None else str(problem)
+        prompt = make_prompt(problem, system_prompt, instruction)
+    return {
+        "prompt": prompt,
+        "problem": problem,
+        "answer": _answer_to_str(answer),
+        "solution": solution,
+    }
+
+
+def _answer_to_str(answer: Any) -> str:
+    # Numeric answer columns (e.g. floats like 27.0) become "27", so exact-match rewards compare like with like.
+    if answer is None:
+        return ""
+    if isinstance(answer, float) and answer.is_integer():
+        return str(int(answer))
+    return str(answer).strip()
+
+
+def _convert_boxed(example: dict[str, Any], columns: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+    solution = example[columns["solution"]]
+    return _row(example[columns["problem"]], extract_boxed(solution), solution, **kwargs)
+
+
+def _convert_gsm8k(example: dict[str, Any], columns: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+    reasoning, answer = split_gsm8k_answer(example[columns["solution"]] or "")
+    return _row(example[columns["problem"]], answer, reasoning, **kwargs)
+
+
+def _convert_custom(example: dict[str, Any], columns: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+    solution = example[columns["solution"]]
+    answer = example[columns["answer"]] if "answer" in columns else extract_boxed(solution)
+    return _row(example[columns["problem"]], answer, solution, **kwargs)
+
+
+# Columns each known schema reads (role -> column); gsm8k's "solution" role is its combined `answer` column.
+_SOURCE_COLUMNS: dict[str, dict[str, str]] = {
+    "math": {"problem": "problem", "solution": "solution"},
+    "gsm8k": {"problem": "question", "solution": "answer"},
+    "numina": {"problem": "problem", "solution": "solution"},
+    "openr1": {"problem": "problem", "answer": "answer", "solution": "solution"},
+}
+_CONVERTERS = {"math": _convert_boxed, "gsm8k": _convert_gsm8k, "numina": _convert_boxed, "openr1": _convert_custom}
