@@ -125,7 +125,9 @@ class FakeOpenAIServer:
         if behaviour == "malformed":
             return "Sure! Here are the spans: spans = [quote: the first step"
         if behaviour == "missing":
-            return json.dumps({"spans": [{"quote": "this text is nowhere in the rollout", "kind": "key"}], "diagnosis": None})
+            return json.dumps(
+                {"spans": [{"quote": "this text is nowhere in the rollout", "kind": "key"}], "diagnosis": None}
+            )
         payload = json.dumps(self.answer(rollout, is_correct, request.body), indent=1)
         if behaviour == "prose":
             payload = payload[:-1].rstrip() + ",\n}"  # a trailing comma

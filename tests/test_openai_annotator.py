@@ -316,7 +316,9 @@ for batch in range(30):
 def test_cache_shared_by_two_processes(tmp_path):
     env_path = str(REPO_ROOT)
     writers = [
-        subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), tag], env={"PYTHONPATH": env_path}, cwd=env_path)
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(tmp_path), tag], env={"PYTHONPATH": env_path}, cwd=env_path
+        )
         for tag in ("a", "b")
     ]
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
@@ -403,7 +405,9 @@ def test_locate_quotes_semantics():
     assert _locate_quote(text, "b = a + 1", 7) == (16, 25)
     assert _locate_quote(text, "c = 3") == (26, len(text))  # whitespace-normalized, mapped back
     assert _locate_quote(text, "zzz") is None and _locate_quote(text, "") is None
-    spans, dropped = locate_quotes(text, [("b = a + 1", "key"), ("b = a + 1", "key"), ("b = a + 1", "key"), ("q", "key")])
+    spans, dropped = locate_quotes(
+        text, [("b = a + 1", "key"), ("b = a + 1", "key"), ("b = a + 1", "key"), ("q", "key")]
+    )
     assert spans == [Span(6, 15, "key"), Span(16, 25, "key")] and dropped == 2
     # Out-of-order quotes are still found (from the start), and a kind mismatch is kept as returned.
     spans, dropped = locate_quotes(text, [("c = 3", "error"), ("a = 1", "key")])

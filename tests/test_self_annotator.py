@@ -132,7 +132,9 @@ def test_vllm_colocate_path_uses_its_own_sampling_params(monkeypatch):
     class FakeLLM:
         def generate(self, prompts, sampling_params, use_tqdm):
             calls.append(("generate", prompts, sampling_params, use_tqdm))
-            return [SimpleNamespace(outputs=[SimpleNamespace(text='{"spans": [], "diagnosis": null}')]) for _ in prompts]
+            return [
+                SimpleNamespace(outputs=[SimpleNamespace(text='{"spans": [], "diagnosis": null}')]) for _ in prompts
+            ]
 
         def wake_up(self, tags):
             calls.append(("wake_up", tags))
@@ -147,7 +149,9 @@ def test_vllm_colocate_path_uses_its_own_sampling_params(monkeypatch):
     )
     annotator = SelfAnnotator(max_new_tokens=7, temperature=0.5, chat_template_kwargs={"enable_thinking": False})
     monkeypatch.setattr(
-        SelfAnnotator, "_vllm_sampling_params", lambda self: {"temperature": self.temperature, "max_tokens": self.max_new_tokens}
+        SelfAnnotator,
+        "_vllm_sampling_params",
+        lambda self: {"temperature": self.temperature, "max_tokens": self.max_new_tokens},
     )
     annotator.bind(trainer)
     annotations = annotator(requests())

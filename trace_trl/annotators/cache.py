@@ -118,7 +118,9 @@ class AnnotationCache:
         with self._connect() as connection:
             connection.execute("BEGIN IMMEDIATE")
             try:
-                connection.executemany("INSERT OR REPLACE INTO annotations (key, value, created) VALUES (?, ?, ?)", rows)
+                connection.executemany(
+                    "INSERT OR REPLACE INTO annotations (key, value, created) VALUES (?, ?, ?)", rows
+                )
                 connection.execute("COMMIT")
             except BaseException:
                 connection.execute("ROLLBACK")

@@ -328,7 +328,11 @@ class OpenAIAnnotator:
             except AnnotationParseError as exc:
                 if self.reask_on_malformed and not reasked:
                     reasked = True
-                    messages = [*messages, {"role": "assistant", "content": text}, {"role": "user", "content": REASK_MESSAGE}]
+                    messages = [
+                        *messages,
+                        {"role": "assistant", "content": text},
+                        {"role": "user", "content": REASK_MESSAGE},
+                    ]
                     continue
                 return self._failure(f"malformed annotation: {exc}", usage, started)
 

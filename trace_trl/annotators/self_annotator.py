@@ -129,7 +129,9 @@ class SelfAnnotator:
             if len(outputs) != len(requests):
                 raise RuntimeError(f"generation returned {len(outputs)} texts for {len(requests)} prompts")
         except Exception as exc:  # noqa: BLE001 - one rank raising while the others go on would hang the run
-            logger.warning("Self-annotation generation failed (%s: %s); these rollouts train as GRPO.", type(exc).__name__, exc)
+            logger.warning(
+                "Self-annotation generation failed (%s: %s); these rollouts train as GRPO.", type(exc).__name__, exc
+            )
             outputs = None
             error = f"self-annotation generation failed: {type(exc).__name__}: {exc}"
         usage = {"latency_s": (time.perf_counter() - started) / len(requests)}
