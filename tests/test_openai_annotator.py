@@ -19,7 +19,7 @@ from fake_openai_server import FakeOpenAIServer, extract_rollout
 from trace_trl.annotators import Annotation, AnnotationRequest, OpenAIAnnotator
 from trace_trl.annotators._quotes import _locate_quote, locate_quotes
 from trace_trl.annotators.cache import AnnotationCache
-from trace_trl.annotators.parsing import AnnotationParseError, extract_json, normalize_diagnosis
+from trace_trl.annotators.parsing import AnnotationParseError, extract_json, normalize_diagnosis, parse_annotation
 from trace_trl.annotators.prompts import PROMPT_VERSION, SYSTEM_PROMPT, fence, validate_template
 from trace_trl.spans import Span
 
@@ -412,6 +412,19 @@ def test_locate_quotes_semantics():
     # Out-of-order quotes are still found (from the start), and a kind mismatch is kept as returned.
     spans, dropped = locate_quotes(text, [("c = 3", "error"), ("a = 1", "key")])
     assert spans == [Span(26, len(text), "error"), Span(0, 5, "key")] and dropped == 0
+
+
+def test_single_backslash_latex_in_json_is_recovered():
+    completion = r"So \(x = \frac{1}{2}\), i.e. \text{half}, and \sqrt{4} = 2."
+    answer = r'{"spans": [{"quote": "\(x = \frac{1}{2}\)", "kind": "key"}, {"quote": "\text{half}", "kind": "key"},'
+    answer += r' {"quote": "\\sqrt{4} = 2", "kind": "key"}], "diagnosis": null}'
+    annotation = parse_annotation(answer, AnnotationRequest("p", completion, True, 1.0))
+    assert [completion[s.start : s.end] for s in annotation.spans] == [
+        r"\(x = \frac{1}{2}\)",
+        r"\text{half}",
+        r"\sqrt{4} = 2",
+    ]
+    assert annotation.dropped_spans == 0
 
 
 def test_normalize_diagnosis():

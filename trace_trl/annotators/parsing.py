@@ -11,7 +11,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from ._quotes import locate_quotes
+from ._quotes import _locate_quote, locate_quotes
 from .base import Annotation, AnnotationRequest
 from .prompts import DIAGNOSIS_LABELS, SPAN_KIND_ERROR, SPAN_KIND_KEY
 
@@ -23,6 +23,10 @@ class AnnotationParseError(ValueError):
 _CODE_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
 _TRAILING_COMMA = re.compile(r",(\s*[}\]])")
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+# A lone backslash before anything but a JSON escape letter (LaTeX: `\(`, `\sqrt`) makes the JSON invalid.
+_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+# LaTeX written with single backslashes decodes into control characters: `\frac` -> form feed + "rac".
+_LATEX_CONTROL_CHARS = {"\b": "\\b", "\f": "\\f", "\t": "\\t", "\r": "\\r"}
 _KIND_ALIASES = {
     "key": SPAN_KIND_KEY,
     "key_step": SPAN_KIND_KEY,
@@ -44,7 +48,8 @@ def extract_json(text: str) -> dict[str, Any]:
     decoder = json.JSONDecoder()
     fallback: dict[str, Any] | None = None
     for candidate in candidates:
-        for variant in (candidate, _TRAILING_COMMA.sub(r"\1", candidate)):
+        without_commas = _TRAILING_COMMA.sub(r"\1", candidate)
+        for variant in (candidate, without_commas, _fix_invalid_escapes(without_commas)):
             for start in (i for i, char in enumerate(variant) if char == "{"):
                 try:
                     value, _ = decoder.raw_decode(variant, start)
@@ -59,6 +64,11 @@ def extract_json(text: str) -> dict[str, Any]:
         return fallback
     preview = (text[:120] + "...") if len(text) > 120 else text
     raise AnnotationParseError(f"no JSON object in the annotator's answer: {preview!r}")
+
+
+def _fix_invalid_escapes(text: str) -> str:
+    # Escapes are consumed pairwise, so an escaped backslash (`\\\\`) is never split.
+    return _ESCAPE.sub(lambda m: m.group(0) if m.group(1) in '"\\/bfnrtu' else "\\\\" + m.group(1), text)
 
 
 def normalize_diagnosis(value: Any) -> str | None:
@@ -96,6 +106,17 @@ def _quote_items(payload: Mapping[str, Any], is_correct: bool) -> tuple[list[tup
     return quotes, unusable
 
 
+def _repair_latex(quote: str, completion: str) -> str:
+    """Undo JSON's reading of single-backslash LaTeX (`\\frac` -> form feed) when that makes the quote placeable."""
+    if not any(char in quote for char in _LATEX_CONTROL_CHARS):
+        return quote
+    repaired = quote
+    for char, escaped in _LATEX_CONTROL_CHARS.items():
+        repaired = repaired.replace(char, escaped)
+    # The repaired quote first: the whitespace-tolerant match would place the broken one without its `\t`.
+    return repaired if _locate_quote(completion, repaired) is not None else quote
+
+
 def parse_annotation(text: str, request: AnnotationRequest, usage: Mapping[str, float] | None = None) -> Annotation:
     """Turn an annotator's answer into an `Annotation` of `request.completion`.
 
@@ -108,6 +129,7 @@ def parse_annotation(text: str, request: AnnotationRequest, usage: Mapping[str, 
     """
     payload = extract_json(text)
     quotes, unusable = _quote_items(payload, request.is_correct)
+    quotes = [(_repair_latex(quote, request.completion), kind) for quote, kind in quotes]
     spans, not_found = locate_quotes(request.completion, quotes)
     return Annotation(
         spans=tuple(spans),
