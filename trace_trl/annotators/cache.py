@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import random
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -81,9 +82,23 @@ class AnnotationCache:
         self.path = Path(cache_dir) / CACHE_FILENAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
-        with self._connect() as connection:
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(_SCHEMA)
+        self._initialize()
+
+    def _initialize(self) -> None:
+        # Switching to WAL does not wait on the busy timeout: two processes creating the cache at the same moment get
+        # "database is locked" at once. Retry until `timeout`.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                with self._connect() as connection:
+                    if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                        connection.execute("PRAGMA journal_mode=WAL")
+                    connection.execute(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05))
 
     def __repr__(self) -> str:
         return f"AnnotationCache(path={str(self.path)!r})"
