@@ -144,7 +144,9 @@ class _Server(ThreadingHTTPServer):
 def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, like real servers
-        disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall between them
+        disable_nagle_algorithm = (
+            True  # headers and body go out in two writes: no 40 ms delayed-ACK stall between them
+        )
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence the default stderr log
             pass

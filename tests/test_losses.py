@@ -85,7 +85,9 @@ def test_topk_is_the_kl_of_the_coarsened_distributions(logits, kind):
         assert math.isclose(ours[row].item(), expected.item(), rel_tol=1e-4, abs_tol=1e-6)
     # A coarsening never increases the KL, and a support of the whole vocabulary is the full KL.
     assert (ours <= token_divergence(student, teacher, kind) + 1e-5).all()
-    torch.testing.assert_close(token_divergence(student, teacher, kind, topk=49), token_divergence(student, teacher, kind))
+    torch.testing.assert_close(
+        token_divergence(student, teacher, kind, topk=49), token_divergence(student, teacher, kind)
+    )
 
 
 def test_token_divergence_rejects_bad_input(logits):
@@ -110,13 +112,24 @@ def test_routed_divergence_equals_dense_logits_path(kind, topk):
     teacher_h = torch.randn(n, hidden)
     teacher_w = weight.detach() + 0.1 * torch.randn(vocab, hidden)
     ours = routed_divergence(
-        student_h, teacher_h, (weight, bias), (teacher_w, None), kind, topk=topk, temperature=0.8, chunk_size=4,
-        logit_scale=0.9, final_logit_softcapping=30.0,
+        student_h,
+        teacher_h,
+        (weight, bias),
+        (teacher_w, None),
+        kind,
+        topk=topk,
+        temperature=0.8,
+        chunk_size=4,
+        logit_scale=0.9,
+        final_logit_softcapping=30.0,
     )
     head = {"logit_scale": 0.9, "final_logit_softcapping": 30.0}
     dense = token_divergence(
-        output_logits(student_h, weight, bias, **head), output_logits(teacher_h, teacher_w, None, **head), kind,
-        topk=topk, temperature=0.8,
+        output_logits(student_h, weight, bias, **head),
+        output_logits(teacher_h, teacher_w, None, **head),
+        kind,
+        topk=topk,
+        temperature=0.8,
     )
     torch.testing.assert_close(ours, dense, rtol=1e-4, atol=1e-5)
     grads_ours = torch.autograd.grad(ours.sum(), (student_h, weight, bias))
@@ -140,8 +153,9 @@ def test_masked_tokens_contribute_exactly_zero(loss_type):
     torch.manual_seed(0)
     per_token = torch.rand(3, 5, requires_grad=True)
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.float32)
-    kwargs = dict(loss_type=loss_type, gradient_accumulation_steps=1, max_completion_length=5,
-                  num_items_in_batch=mask.sum())
+    kwargs = dict(
+        loss_type=loss_type, gradient_accumulation_steps=1, max_completion_length=5, num_items_in_batch=mask.sum()
+    )
     loss = normalize_like_grpo(per_token, mask, **kwargs)
     (grad,) = torch.autograd.grad(loss, per_token)
     assert (grad[mask == 0] == 0).all()
@@ -154,9 +168,16 @@ def test_masked_tokens_contribute_exactly_zero(loss_type):
 def test_normalizers_match_grpo_formulas():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    common = dict(gradient_accumulation_steps=2, max_completion_length=4, num_items_in_batch=torch.tensor(8.0),
-                  num_processes=2, steps_per_generation=4)
-    assert normalize_like_grpo(per_token, mask, loss_type="grpo", **common).item() == pytest.approx((2.0 + 4.0) / 2 / 2)
+    common = dict(
+        gradient_accumulation_steps=2,
+        max_completion_length=4,
+        num_items_in_batch=torch.tensor(8.0),
+        num_processes=2,
+        steps_per_generation=4,
+    )
+    assert normalize_like_grpo(per_token, mask, loss_type="grpo", **common).item() == pytest.approx(
+        (2.0 + 4.0) / 2 / 2
+    )
     assert normalize_like_grpo(per_token, mask, loss_type="bnpo", **common).item() == pytest.approx(10.0 / 4 / 2)
     assert normalize_like_grpo(per_token, mask, loss_type="dr_grpo", **common).item() == pytest.approx(10.0 / 8 / 2)
     # dapo: sum / (num_items / processes * GA / steps_per_generation) = 10 / (8 / 2 * 2 / 4)
@@ -164,7 +185,9 @@ def test_normalizers_match_grpo_formulas():
     assert normalize_like_grpo(per_token, mask, loss_type="dapo", training=False, **common).item() == pytest.approx(
         10.0 / 4.0
     )
-    assert normalize_like_grpo(per_token, mask, loss_type="luspo", **common).item() == pytest.approx((6.0 + 4.0) / 2 / 2)
+    assert normalize_like_grpo(per_token, mask, loss_type="luspo", **common).item() == pytest.approx(
+        (6.0 + 4.0) / 2 / 2
+    )
     with pytest.raises(ValueError, match="num_items_in_batch"):
         normalize_like_grpo(per_token, mask, loss_type="dapo", gradient_accumulation_steps=1, max_completion_length=4)
 

@@ -17,11 +17,11 @@ import pytest
 from fake_openai_server import FakeOpenAIServer, extract_rollout
 
 from trace_trl.annotators import Annotation, AnnotationRequest, OpenAIAnnotator
-from trace_trl.annotators._quotes import _locate_quote, locate_quotes
+from trace_trl.annotators._quotes import locate_quotes
 from trace_trl.annotators.cache import AnnotationCache
 from trace_trl.annotators.parsing import AnnotationParseError, extract_json, normalize_diagnosis, parse_annotation
 from trace_trl.annotators.prompts import PROMPT_VERSION, SYSTEM_PROMPT, fence, validate_template
-from trace_trl.spans import Span
+from trace_trl.spans import Span, locate_quote
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -401,10 +401,10 @@ def test_extract_json_rejects_text_without_object():
 
 def test_locate_quotes_semantics():
     text = "a = 1\nb = a + 1\nb = a + 1\nc  =\n 3"
-    assert _locate_quote(text, "b = a + 1") == (6, 15)
-    assert _locate_quote(text, "b = a + 1", 7) == (16, 25)
-    assert _locate_quote(text, "c = 3") == (26, len(text))  # whitespace-normalized, mapped back
-    assert _locate_quote(text, "zzz") is None and _locate_quote(text, "") is None
+    assert locate_quote(text, "b = a + 1") == (6, 15)
+    assert locate_quote(text, "b = a + 1", 7) == (16, 25)
+    assert locate_quote(text, "c = 3") == (26, len(text))  # whitespace-normalized, mapped back
+    assert locate_quote(text, "zzz") is None and locate_quote(text, "") is None
     spans, dropped = locate_quotes(
         text, [("b = a + 1", "key"), ("b = a + 1", "key"), ("b = a + 1", "key"), ("q", "key")]
     )

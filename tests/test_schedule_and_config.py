@@ -101,9 +101,20 @@ def test_every_trace_field_has_help_for_the_cli():
     grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     trace_fields = [f for f in dataclasses.fields(TRACEConfig) if f.name not in grpo_fields]
     assert {f.name for f in trace_fields} >= {
-        "kl_coef", "kl_warmup_steps", "kl_decay_steps", "kl_decay", "key_span_action", "error_span_action",
-        "routed_token_grpo", "teacher_kind", "teacher_ema_rate", "privileged_context_column",
-        "teacher_context_template", "max_teacher_prompt_length", "kl_topk", "correct_reward_threshold",
+        "kl_coef",
+        "kl_warmup_steps",
+        "kl_decay_steps",
+        "kl_decay",
+        "key_span_action",
+        "error_span_action",
+        "routed_token_grpo",
+        "teacher_kind",
+        "teacher_ema_rate",
+        "privileged_context_column",
+        "teacher_context_template",
+        "max_teacher_prompt_length",
+        "kl_topk",
+        "correct_reward_threshold",
         "annotation_failure",
     }
     for f in trace_fields:

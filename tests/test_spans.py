@@ -306,9 +306,7 @@ def test_wordpiece_fallback(monkeypatch):
     assert text == "the answer is fortytwo."  # clean-up removed the space before "."
     calls = []
     original = spans_module._exact_token_char_offsets
-    monkeypatch.setattr(
-        spans_module, "_exact_token_char_offsets", lambda *a: calls.append(1) or original(*a)
-    )
+    monkeypatch.setattr(spans_module, "_exact_token_char_offsets", lambda *a: calls.append(1) or original(*a))
     offsets = token_char_offsets(ids, tokenizer)
     assert calls, "a WordPiece tokenizer must take the exact path"
     assert [text[s:e] for s, e in offsets] == ["the", " answer", " is", " forty", "two", ".", ""]

@@ -19,15 +19,21 @@ CANARY = "CANARY-7f3e-privileged"
 
 def _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=None, dataset=None, peft=False, **overrides):
     return TRACETrainer(
-        model=tiny_model_dir, reward_funcs=parity_reward, args=trace_config(tmp_path, **overrides),
-        train_dataset=dataset if dataset is not None else math_dataset(), processing_class=tiny_tokenizer,
-        annotator=annotator if annotator is not None else HalfSpanAnnotator(), peft_config=lora_config() if peft else None,
+        model=tiny_model_dir,
+        reward_funcs=parity_reward,
+        args=trace_config(tmp_path, **overrides),
+        train_dataset=dataset if dataset is not None else math_dataset(),
+        processing_class=tiny_tokenizer,
+        annotator=annotator if annotator is not None else HalfSpanAnnotator(),
+        peft_config=lora_config() if peft else None,
     )
 
 
 @pytest.mark.parametrize("conversational", [True, False], ids=["chat", "plain"])
 @pytest.mark.parametrize("teacher_kind", ["live", "base"])
-def test_privileged_context_reaches_the_teacher_only(tiny_model_dir, tiny_tokenizer, tmp_path, conversational, teacher_kind):
+def test_privileged_context_reaches_the_teacher_only(
+    tiny_model_dir, tiny_tokenizer, tmp_path, conversational, teacher_kind
+):
     dataset = math_dataset(conversational=conversational, solution="{a} + {b} = {c} " + CANARY)
     trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, dataset=dataset, teacher_kind=teacher_kind, max_steps=2)
     decode = tiny_tokenizer.decode
@@ -76,7 +82,11 @@ def test_resumed_run_continues_the_schedule_and_exposure(tiny_model_dir, tiny_to
     resumed_weights = {r["step"]: r["trace/kl_weight"] for r in resumed.state.log_history if "trace/kl_weight" in r}
     assert resumed_weights[3] == 0.75 and resumed_weights[4] == 0.5
     # log_history holds the checkpoint's steps too; look at the steps trained after the resume.
-    exposures = {r["step"]: r["trace/privileged_exposure"] for r in resumed.state.log_history if "trace/privileged_exposure" in r}
+    exposures = {
+        r["step"]: r["trace/privileged_exposure"]
+        for r in resumed.state.log_history
+        if "trace/privileged_exposure" in r
+    }
     assert exposures[3] > saved_exposure, "exposure must continue from the checkpoint, not from zero"
     assert exposures[4] > exposures[3]
 
@@ -90,7 +100,8 @@ class _BothKindsAnnotator:
     def __call__(self, requests):
         self.requests = list(requests)
         return [
-            Annotation(spans=(Span(0, 3, "key"), Span(3, 6, "error")), dropped_spans=1) if len(r.completion) > 6
+            Annotation(spans=(Span(0, 3, "key"), Span(3, 6, "error")), dropped_spans=1)
+            if len(r.completion) > 6
             else Annotation()
             for r in requests
         ]
@@ -139,10 +150,16 @@ def test_annotation_failure_raise_stops_training(tiny_model_dir, tiny_tokenizer,
     ("annotator", "error", "match"),
     [
         (lambda requests: [Annotation()], ValueError, "returned 1 annotations for 4 requests"),
-        (lambda requests: [{"spans": []} for _ in requests], TypeError, "must return `trace_trl.annotators.Annotation`"),
+        (
+            lambda requests: [{"spans": []} for _ in requests],
+            TypeError,
+            "must return `trace_trl.annotators.Annotation`",
+        ),
     ],
 )
-def test_malformed_annotator_output_is_a_clear_error(tiny_model_dir, tiny_tokenizer, tmp_path, annotator, error, match):
+def test_malformed_annotator_output_is_a_clear_error(
+    tiny_model_dir, tiny_tokenizer, tmp_path, annotator, error, match
+):
     trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=annotator)
     with pytest.raises(error, match=match):
         trainer.train()
@@ -152,19 +169,34 @@ def test_constructor_errors_name_the_problem(tiny_model_dir, tiny_tokenizer, tmp
     from trl import GRPOConfig
 
     with pytest.raises(ValueError, match="needs an `annotator`"):
-        TRACETrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=trace_config(tmp_path),
-                     train_dataset=math_dataset(), processing_class=tiny_tokenizer)
+        TRACETrainer(
+            model=tiny_model_dir,
+            reward_funcs=parity_reward,
+            args=trace_config(tmp_path),
+            train_dataset=math_dataset(),
+            processing_class=tiny_tokenizer,
+        )
     with pytest.raises(TypeError, match="TRACEConfig"):
-        TRACETrainer(model=tiny_model_dir, reward_funcs=parity_reward,
-                     args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none"),
-                     train_dataset=math_dataset(), processing_class=tiny_tokenizer, annotator=HalfSpanAnnotator())
+        TRACETrainer(
+            model=tiny_model_dir,
+            reward_funcs=parity_reward,
+            args=GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none"),
+            train_dataset=math_dataset(),
+            processing_class=tiny_tokenizer,
+            annotator=HalfSpanAnnotator(),
+        )
     with pytest.raises(ValueError, match="is not one of the reward functions"):
         _make(tiny_model_dir, tiny_tokenizer, tmp_path, correctness_reward_func="accuracy")
     with pytest.raises(TypeError, match="must be callable"):
         _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator="regex")
     # GRPO without an annotator is allowed.
-    TRACETrainer(model=tiny_model_dir, reward_funcs=parity_reward, args=trace_config(tmp_path, kl_coef=0.0),
-                 train_dataset=math_dataset(), processing_class=tiny_tokenizer)
+    TRACETrainer(
+        model=tiny_model_dir,
+        reward_funcs=parity_reward,
+        args=trace_config(tmp_path, kl_coef=0.0),
+        train_dataset=math_dataset(),
+        processing_class=tiny_tokenizer,
+    )
 
 
 def test_missing_privileged_column_is_a_clear_error(tiny_model_dir, tiny_tokenizer, tmp_path):
@@ -175,7 +207,10 @@ def test_missing_privileged_column_is_a_clear_error(tiny_model_dir, tiny_tokeniz
 
 def test_teacher_prompt_uses_the_students_chat_template_kwargs(tiny_model_dir, tiny_tokenizer, tmp_path):
     trainer = _make(
-        tiny_model_dir, tiny_tokenizer, tmp_path, chat_template_kwargs={"enable_thinking": False},
+        tiny_model_dir,
+        tiny_tokenizer,
+        tmp_path,
+        chat_template_kwargs={"enable_thinking": False},
         max_completion_length=6,
     )
     trainer.model.train()
@@ -187,7 +222,7 @@ def test_teacher_prompt_uses_the_students_chat_template_kwargs(tiny_model_dir, t
         teacher_prompt = tiny_tokenizer.decode(batch["teacher_input_ids"][row, :-width], skip_special_tokens=False)
         student_prompt = tiny_tokenizer.decode(batch["prompt_ids"][row], skip_special_tokens=False)
         for text in (teacher_prompt, student_prompt):
-            assert text.rstrip("<|endoftext|>").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+            assert text.replace("<|endoftext|>", "").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
         assert "What is 2 + 1?" in teacher_prompt and "2 + 1 = 3" in teacher_prompt
         assert torch.equal(batch["teacher_input_ids"][row, -width:], batch["completion_ids"][row])
 
@@ -209,9 +244,16 @@ def test_over_long_privileged_context_is_cut_but_the_problem_is_kept(tiny_model_
 
 @pytest.mark.parametrize("teacher_kind", ["live", "base", "ema"])
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
-def test_every_teacher_kind_trains_with_gradient_checkpointing(tiny_model_dir, tiny_tokenizer, tmp_path, teacher_kind, peft):
+def test_every_teacher_kind_trains_with_gradient_checkpointing(
+    tiny_model_dir, tiny_tokenizer, tmp_path, teacher_kind, peft
+):
     trainer = _make(
-        tiny_model_dir, tiny_tokenizer, tmp_path, teacher_kind=teacher_kind, peft=peft, gradient_checkpointing=True,
+        tiny_model_dir,
+        tiny_tokenizer,
+        tmp_path,
+        teacher_kind=teacher_kind,
+        peft=peft,
+        gradient_checkpointing=True,
         max_steps=2,
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}

@@ -17,8 +17,12 @@ LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 def _trainer(model_dir, tokenizer, tmp_path, **overrides):
     args = trace_config(tmp_path, per_device_train_batch_size=8, num_generations=4, **overrides)
     trainer = TRACETrainer(
-        model=model_dir, reward_funcs=parity_reward, args=args, train_dataset=math_dataset(),
-        processing_class=tokenizer, annotator=HalfSpanAnnotator(),
+        model=model_dir,
+        reward_funcs=parity_reward,
+        args=args,
+        train_dataset=math_dataset(),
+        processing_class=tokenizer,
+        annotator=HalfSpanAnnotator(),
     )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
@@ -106,7 +110,9 @@ def test_routed_token_grpo_modes_set_per_token_grpo_weights(
     routed = (inputs["trace_route"] > 0) & (inputs["completion_mask"] > 0)
     nonzero = advantages != 0
     assert routed.any() and (~routed & nonzero).any()
-    torch.testing.assert_close(weights[routed & nonzero], torch.full_like(weights[routed & nonzero], expected_on_routed))
+    torch.testing.assert_close(
+        weights[routed & nonzero], torch.full_like(weights[routed & nonzero], expected_on_routed)
+    )
     torch.testing.assert_close(weights[~routed & nonzero], torch.ones_like(weights[~routed & nonzero]))
     # After the anneal every token is a GRPO token again: the inputs reach GRPO untouched.
     trainer.state.global_step = 10_000

@@ -20,17 +20,32 @@ from trace_trl import TRACETrainer
 
 
 SHARED = dict(
-    use_cpu=True, bf16=False, per_device_train_batch_size=4, num_generations=4, gradient_accumulation_steps=2,
-    steps_per_generation=2, max_completion_length=10, max_steps=3, learning_rate=1e-2, logging_steps=1,
-    report_to="none", save_strategy="no", seed=0, gradient_checkpointing=False,
+    use_cpu=True,
+    bf16=False,
+    per_device_train_batch_size=4,
+    num_generations=4,
+    gradient_accumulation_steps=2,
+    steps_per_generation=2,
+    max_completion_length=10,
+    max_steps=3,
+    learning_rate=1e-2,
+    logging_steps=1,
+    report_to="none",
+    save_strategy="no",
+    seed=0,
+    gradient_checkpointing=False,
 )
 
 
 def _grpo_params(model_dir, tokenizer, tmp_path, peft):
     args = GRPOConfig(output_dir=str(tmp_path / "grpo"), **SHARED)
     trainer = GRPOTrainer(
-        model=model_dir, reward_funcs=parity_reward, args=args, train_dataset=math_dataset(),
-        processing_class=tokenizer, peft_config=lora_config() if peft else None,
+        model=model_dir,
+        reward_funcs=parity_reward,
+        args=args,
+        train_dataset=math_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config() if peft else None,
     )
     before = trainable_state(trainer.model)
     trainer.train()
@@ -49,8 +64,13 @@ def test_three_steps_leave_exactly_grpo_parameters(tiny_model_dir, tiny_tokenize
         overrides, annotator = {}, no_spans_annotator
     args = trace_config(tmp_path, **{**SHARED, **overrides})
     trainer = TRACETrainer(
-        model=tiny_model_dir, reward_funcs=parity_reward, args=args, train_dataset=math_dataset(),
-        processing_class=tiny_tokenizer, peft_config=lora_config() if peft else None, annotator=annotator,
+        model=tiny_model_dir,
+        reward_funcs=parity_reward,
+        args=args,
+        train_dataset=math_dataset(),
+        processing_class=tiny_tokenizer,
+        peft_config=lora_config() if peft else None,
+        annotator=annotator,
     )
     trainer.train()
     actual = trainable_state(trainer.model)
@@ -66,10 +86,22 @@ def test_trace_moves_parameters_where_grpo_is_silent(tiny_model_dir, tiny_tokeni
     """All rollouts rewarded equally: GRPO's advantages vanish and it changes nothing; TRACE's KL channel still learns."""
     common = dict(max_steps=2, per_device_train_batch_size=4, num_generations=4, learning_rate=1e-2)
     grpo = GRPOTrainer(
-        model=tiny_model_dir, reward_funcs=constant_reward,
-        args=GRPOConfig(output_dir=str(tmp_path / "g"), use_cpu=True, bf16=False, report_to="none",
-                        save_strategy="no", gradient_checkpointing=False, max_completion_length=10, seed=0, **common),
-        train_dataset=math_dataset(), processing_class=tiny_tokenizer, peft_config=lora_config() if peft else None,
+        model=tiny_model_dir,
+        reward_funcs=constant_reward,
+        args=GRPOConfig(
+            output_dir=str(tmp_path / "g"),
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            save_strategy="no",
+            gradient_checkpointing=False,
+            max_completion_length=10,
+            seed=0,
+            **common,
+        ),
+        train_dataset=math_dataset(),
+        processing_class=tiny_tokenizer,
+        peft_config=lora_config() if peft else None,
     )
     before = trainable_state(grpo.model)
     grpo.train()
@@ -77,8 +109,12 @@ def test_trace_moves_parameters_where_grpo_is_silent(tiny_model_dir, tiny_tokeni
     assert all(torch.equal(before[k], after[k]) for k in before), "GRPO with zero advantages must not move"
 
     trace = TRACETrainer(
-        model=tiny_model_dir, reward_funcs=constant_reward, args=trace_config(tmp_path, teacher_kind="base", **common),
-        train_dataset=math_dataset(), processing_class=tiny_tokenizer, peft_config=lora_config() if peft else None,
+        model=tiny_model_dir,
+        reward_funcs=constant_reward,
+        args=trace_config(tmp_path, teacher_kind="base", **common),
+        train_dataset=math_dataset(),
+        processing_class=tiny_tokenizer,
+        peft_config=lora_config() if peft else None,
         annotator=HalfSpanAnnotator(),
     )
     before = trainable_state(trace.model)
@@ -93,9 +129,12 @@ def test_trace_moves_parameters_where_grpo_is_silent(tiny_model_dir, tiny_tokeni
 def test_gradient_comes_only_from_routed_tokens(tiny_model_dir, tiny_tokenizer, tmp_path):
     """With zero advantages the TRACE gradient equals a dense, independent KL over exactly the routed tokens."""
     trainer = TRACETrainer(
-        model=tiny_model_dir, reward_funcs=constant_reward,
+        model=tiny_model_dir,
+        reward_funcs=constant_reward,
         args=trace_config(tmp_path, teacher_kind="base", per_device_train_batch_size=8, num_generations=4),
-        train_dataset=math_dataset(), processing_class=tiny_tokenizer, annotator=HalfSpanAnnotator(),
+        train_dataset=math_dataset(),
+        processing_class=tiny_tokenizer,
+        annotator=HalfSpanAnnotator(),
     )
     model = trainer.model
     model.train()
@@ -120,7 +159,9 @@ def test_gradient_comes_only_from_routed_tokens(tiny_model_dir, tiny_tokenizer, 
     teacher_model = trainer.teacher._copy
     with torch.no_grad():
         t_ids, t_attn = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
-        teacher = teacher_model(input_ids=t_ids, attention_mask=t_attn).logits[:, -width - 1 : -1] / trainer.temperature
+        teacher = (
+            teacher_model(input_ids=t_ids, attention_mask=t_attn).logits[:, -width - 1 : -1] / trainer.temperature
+        )
     log_s, log_t = student.log_softmax(-1), teacher.log_softmax(-1)
     per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
     routed = (route > 0).float() * mask

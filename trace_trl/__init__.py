@@ -24,11 +24,11 @@ _LAZY_ATTRIBUTES = {
 __all__ = ["__version__", *_LAZY_ATTRIBUTES]
 
 if TYPE_CHECKING:
-    from .config import TRACEConfig
-    from .losses import token_divergence
-    from .schedule import kl_weight
-    from .spans import Span, token_labels
-    from .trainer import TRACETrainer
+    from .config import TRACEConfig  # noqa: F401
+    from .losses import token_divergence  # noqa: F401
+    from .schedule import kl_weight  # noqa: F401
+    from .spans import Span, token_labels  # noqa: F401
+    from .trainer import TRACETrainer  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

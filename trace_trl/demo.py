@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+
 # The demo never touches the network.
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
     os.environ.setdefault(_name, "1")
@@ -107,7 +108,9 @@ def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], max_new_token
     from trace_trl.rewards import boxed_match_reward
 
     model.eval()
-    prompts = [tokenizer.apply_chat_template(chat(p.question), add_generation_prompt=True, tokenize=False) for p in problems]
+    prompts = [
+        tokenizer.apply_chat_template(chat(p.question), add_generation_prompt=True, tokenize=False) for p in problems
+    ]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     completions = tokenizer.batch_decode(out[:, batch["input_ids"].size(1) :], skip_special_tokens=True)
@@ -149,8 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ##### 1. Data: problems with a reference solution (the privileged context the student never sees)
     train_problems = make_problems(512, seed=args.seed)
     test_problems = make_problems(64, seed=args.seed + 1)
-    dataset = Dataset.from_list([{"prompt": chat(p.question), "answer": p.answer, "solution": p.solution} for p in train_problems])
-    print(f"[1/4] {len(train_problems)} synthetic problems, e.g. {train_problems[0].question!r} -> {train_problems[0].solution!r}")
+    dataset = Dataset.from_list(
+        [{"prompt": chat(p.question), "answer": p.answer, "solution": p.solution} for p in train_problems]
+    )
+    print(
+        f"[1/4] {len(train_problems)} synthetic problems, e.g. {train_problems[0].question!r} -> {train_problems[0].solution!r}"
+    )
 
     ##### 2. Policy: a tiny Qwen3, warm-started so that it is sometimes right
     model_path, tokenizer = build_policy(train_problems, args.output_dir, args.sft_steps, args.seed)
@@ -198,7 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         annotator=annotator,
     )
     before = greedy_accuracy(trainer.model, tokenizer, test_problems, config.max_completion_length)
-    print(f"[3/4] TRACE for {args.steps} steps (KL held for {args.kl_warmup_steps}, annealed over {args.kl_decay_steps})")
+    print(
+        f"[3/4] TRACE for {args.steps} steps (KL held for {args.kl_warmup_steps}, annealed over {args.kl_decay_steps})"
+    )
     print()
     print("  step  reward  correct  key tok  err tok   FKL      RKL      KL weight  entropy")
     from transformers.trainer_callback import PrinterCallback
@@ -217,13 +226,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("[4/4] what happened")
     print(f"  greedy accuracy on {len(test_problems)} held-out problems: {before:.1%} before -> {after:.1%} after")
     if history:
-        print(f"  mean reward: {history[0]['reward']:.3f} at step 1 -> {history[-1]['reward']:.3f} at step {history[-1]['step']}")
+        print(
+            f"  mean reward: {history[0]['reward']:.3f} at step 1 -> {history[-1]['reward']:.3f} at step {history[-1]['step']}"
+        )
     if routed:
         mean_routed = sum(r["trace/routed_token_frac"] for r in routed) / len(routed)
         print(f"  tokens routed to the KL channel while it was on: {mean_routed:.1%} (the rest trained with GRPO)")
     print(f"  cumulative privileged exposure (KL weight x routed tokens): {trainer.privileged_exposure:.0f}")
-    print(f"  annotation failures: {sum(r.get('trace/annotation_failures', 0) for r in trainer.state.log_history):.0f}")
-    print(f"  TRACE took {trace_seconds:.0f} s; everything {time.perf_counter() - started:.0f} s. Outputs in {args.output_dir}/")
+    print(
+        f"  annotation failures: {sum(r.get('trace/annotation_failures', 0) for r in trainer.state.log_history):.0f}"
+    )
+    print(
+        f"  TRACE took {trace_seconds:.0f} s; everything {time.perf_counter() - started:.0f} s. Outputs in {args.output_dir}/"
+    )
     return 0
 
 

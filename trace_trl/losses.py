@@ -139,8 +139,17 @@ def routed_divergence(
         else:
             chunks.append(
                 checkpoint(
-                    _topk_chunk, s_h, t_h, *student_head, *teacher_head, kind, topk, temperature,
-                    logit_scale, final_logit_softcapping, use_reentrant=False,
+                    _topk_chunk,
+                    s_h,
+                    t_h,
+                    *student_head,
+                    *teacher_head,
+                    kind,
+                    topk,
+                    temperature,
+                    logit_scale,
+                    final_logit_softcapping,
+                    use_reentrant=False,
                 )
             )
     return torch.cat(chunks)

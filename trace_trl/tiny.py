@@ -55,9 +55,7 @@ QWEN3_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
     (151667, "<think>", False),
     (151668, "</think>", False),
 )
-QWEN_PRETOKENIZE_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN_PRETOKENIZE_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 QWEN3_VOCAB_SIZE = 151936  # embedding rows of every Qwen3 model (the tokenizer has 151,669 ids; the rest is padding)
 
 

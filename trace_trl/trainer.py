@@ -306,7 +306,9 @@ class TRACETrainer(GRPOTrainer):
         except Exception as exc:
             if self.args.annotation_failure == "raise":
                 raise
-            logger.warning("Annotator raised %s: %s; these %d rollouts train as GRPO.", type(exc).__name__, exc, len(requests))
+            logger.warning(
+                "Annotator raised %s: %s; these %d rollouts train as GRPO.", type(exc).__name__, exc, len(requests)
+            )
             return [Annotation.failure(f"{type(exc).__name__}: {exc}") for _ in requests]
         annotations = list(annotations)
         if len(annotations) != len(requests):
@@ -355,10 +357,14 @@ class TRACETrainer(GRPOTrainer):
         if any(b.over_length for b in built):
             logger.warning(
                 "%d teacher prompt(s) exceed max_teacher_prompt_length=%s even without privileged context; the problem "
-                "is kept whole.", sum(b.over_length for b in built), self.args.max_teacher_prompt_length
+                "is kept whole.",
+                sum(b.over_length for b in built),
+                self.args.max_teacher_prompt_length,
             )
         if truncated:
-            logger.warning("Cut the privileged context of %d teacher prompt(s) to max_teacher_prompt_length.", truncated)
+            logger.warning(
+                "Cut the privileged context of %d teacher prompt(s) to max_teacher_prompt_length.", truncated
+            )
         pad_id = self._tokenizer.pad_token_id
         tensors = [torch.tensor(r, dtype=torch.long) for r in rows]
         prompt_ids = pad(tensors, padding_value=pad_id, padding_side="left").to(device)
@@ -382,9 +388,9 @@ class TRACETrainer(GRPOTrainer):
             ],
             device=device,
         )
-        key, error, tokens, failures_, dropped_, n_correct, n, truncated_ = (
-            self.accelerator.reduce(local, "sum").tolist()
-        )
+        key, error, tokens, failures_, dropped_, n_correct, n, truncated_ = self.accelerator.reduce(
+            local, "sum"
+        ).tolist()
         metrics = self._metrics["train"]
         metrics["trace/key_token_frac"].append(key / max(tokens, 1.0))
         metrics["trace/error_token_frac"].append(error / max(tokens, 1.0))
@@ -489,7 +495,9 @@ class TRACETrainer(GRPOTrainer):
         input_ids = inputs["teacher_input_ids"][teacher_rows, :cut]
         attention_mask = inputs["teacher_attention_mask"][teacher_rows, :cut]
         with torch.no_grad(), self.teacher.activate(unwrapped) as view, self.accelerator.autocast():
-            hidden = view.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = view.backbone(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
             head = (view.head_weight, view.head_bias)
         return hidden[local_index, teacher_prompt_width - 1 + cols].detach(), head
 
@@ -533,7 +541,9 @@ class TRACETrainer(GRPOTrainer):
         metrics["trace/fkl_mean"].append(fkl_sum / fkl_n if fkl_n else math.nan)
         metrics["trace/rkl_mean"].append(rkl_sum / rkl_n if rkl_n else math.nan)
         metrics["trace/routed_token_frac"].append(n_routed / max(n_tokens, 1.0))
-        for name, (total, count) in zip(("key", "error", "other"), zip(totals[6::2], totals[7::2], strict=True), strict=True):
+        for name, (total, count) in zip(
+            ("key", "error", "other"), zip(totals[6::2], totals[7::2], strict=True), strict=True
+        ):
             metrics[f"trace/entropy_{name}"].append(total / count if count else math.nan)
         self.privileged_exposure += weight * n_routed
         metrics["trace/privileged_exposure"].append(self.privileged_exposure)
@@ -545,7 +555,9 @@ class TRACETrainer(GRPOTrainer):
         super()._save_checkpoint(model, trial)
         if not self.args.should_save:
             return
-        checkpoint = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        checkpoint = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
         with open(os.path.join(checkpoint, TRACE_STATE_FILE), "w") as f:
             json.dump({"privileged_exposure": self.privileged_exposure}, f)
         self.teacher.save(self.accelerator.unwrap_model(self.model), checkpoint)

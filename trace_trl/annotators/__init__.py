@@ -20,9 +20,9 @@ _LAZY_ATTRIBUTES = {
 __all__ = ["Annotation", "AnnotationRequest", "Annotator", "bind_annotator", "prompt_to_text", *_LAZY_ATTRIBUTES]
 
 if TYPE_CHECKING:
-    from .heuristic import AllTokensAnnotator, RandomSpanAnnotator, RegexAnnotator
-    from .openai_api import OpenAIAnnotator
-    from .self_annotator import SelfAnnotator
+    from .heuristic import AllTokensAnnotator, RandomSpanAnnotator, RegexAnnotator  # noqa: F401
+    from .openai_api import OpenAIAnnotator  # noqa: F401
+    from .self_annotator import SelfAnnotator  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from ._quotes import _locate_quote, locate_quotes
+from ..spans import locate_quote
+from ._quotes import locate_quotes
 from .base import Annotation, AnnotationRequest
 from .prompts import DIAGNOSIS_LABELS, SPAN_KIND_ERROR, SPAN_KIND_KEY
 
@@ -114,7 +115,7 @@ def _repair_latex(quote: str, completion: str) -> str:
     for char, escaped in _LATEX_CONTROL_CHARS.items():
         repaired = repaired.replace(char, escaped)
     # The repaired quote first: the whitespace-tolerant match would place the broken one without its `\t`.
-    return repaired if _locate_quote(completion, repaired) is not None else quote
+    return repaired if locate_quote(completion, repaired) is not None else quote
 
 
 def parse_annotation(text: str, request: AnnotationRequest, usage: Mapping[str, float] | None = None) -> Annotation:
