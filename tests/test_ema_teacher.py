@@ -205,3 +205,16 @@ def test_ema_state_is_saved_and_restored_on_resume(tiny_model_dir, tiny_tokenize
         ids = {id(p) for group in resumed.optimizer.param_groups for p in group["params"]}
         assert not any(id(p) in ids for p in _ema_params(model).values())
     assert resumed.state.global_step == 3
+
+
+def test_frozen_peft_model_is_a_clear_error(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    frozen = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora_config())
+    frozen.requires_grad_(False)  # e.g. PeftModel.from_pretrained(...) without is_trainable=True
+    with pytest.raises(ValueError, match="no trainable parameter.*is_trainable=True"):
+        TRACETrainer(
+            model=frozen, reward_funcs=parity_reward, args=trace_config(tmp_path, teacher_kind="ema"),
+            train_dataset=math_dataset(), processing_class=tiny_tokenizer, annotator=HalfSpanAnnotator(),
+        )
