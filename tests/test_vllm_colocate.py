@@ -206,3 +206,27 @@ def test_importance_sampling_ratio_multiplies_only_the_grpo_channel(fake_vllm, t
     plain = trainer._compute_loss(trainer.model, grpo).item()
     assert plain != 0.0
     assert trainer._compute_loss(trainer.model, grpo_scaled).item() == pytest.approx(2.5 * plain, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vllm_colocate_24gb", "vllm_colocate_80gb"])
+def test_colocate_recipes_are_valid_trace_configs(name, tmp_path):
+    import dataclasses
+    import os
+
+    import yaml
+
+    from trace_trl import TRACEConfig
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "recipes", f"{name}.yaml")
+    with open(path) as f:
+        recipe = yaml.safe_load(f)
+    fields = {f.name for f in dataclasses.fields(TRACEConfig)}
+    assert recipe["use_vllm"] and recipe["vllm_mode"] == "colocate" and recipe["vllm_enable_sleep_mode"]
+    assert recipe["gradient_checkpointing"] and "vllm_gpu_memory_utilization" in recipe
+    if name.endswith("24gb"):
+        assert recipe["use_peft"]
+    kwargs = {k: v for k, v in recipe.items() if k in fields}
+    kwargs.update(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none")
+    args = TRACEConfig(**kwargs)
+    # One generation per optimizer step, so every checkpoint resumes exactly.
+    assert args.steps_per_generation * args.num_iterations == args.gradient_accumulation_steps
