@@ -121,6 +121,8 @@ def test_two_processes_one_without_routed_tokens_match_one_process(tiny_model_di
         assert loss.item() == pytest.approx(mean_loss, abs=1e-6), loss_type
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         assert grads.keys() == ddp[0]["grads"].keys()
+        worst = max((ddp[0]["grads"][n] - g).abs().max().item() for n, g in grads.items())
+        print(f"{loss_type}: |loss diff| {abs(loss.item() - mean_loss):.2e}, max |grad diff| {worst:.2e}")
         for name, grad in grads.items():
             assert torch.equal(ddp[0]["grads"][name], ddp[1]["grads"][name])
             torch.testing.assert_close(ddp[0]["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"{loss_type} {name}")
