@@ -84,6 +84,7 @@ def _global_batch(batches: list[dict], pad_id: int) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_two_processes_one_without_routed_tokens_match_one_process(tiny_model_dir, tmp_path, peft):
     out_dir = str(tmp_path)

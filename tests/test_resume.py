@@ -34,6 +34,7 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("peft", "teacher_kind"),
     [(False, "ema"), (True, "ema")],
