@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
@@ -156,6 +157,8 @@ class TRACETrainer(GRPOTrainer):
                 f"`correctness_reward_func={args.correctness_reward_func!r}` is not one of the reward functions "
                 f"{self.reward_func_names}."
             )
+        _check_sharded_training(self, args)
+        _warn_if_resume_is_inexact(args)
         self.annotator = annotator
         if annotator is not None:
             bind_annotator(annotator, self)
@@ -444,6 +447,8 @@ class TRACETrainer(GRPOTrainer):
         prompt_width = inputs["prompt_ids"].size(1)
         student_hidden = captured["hidden"][rows, prompt_width - 1 + cols]
         kinds = route[rows, cols]
+        student_head = _full_head(head.weight, head.bias)
+        teacher_head = _full_head(*teacher_head)
         per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         sums = []
         for code, kind in ((ROUTE_FKL, "fkl"), (ROUTE_RKL, "rkl")):
@@ -451,7 +456,7 @@ class TRACETrainer(GRPOTrainer):
             divergence = routed_divergence(
                 student_hidden[selected],
                 teacher_hidden[selected],
-                (head.weight, head.bias),
+                student_head,
                 teacher_head,
                 kind,
                 topk=self.args.kl_topk,
@@ -571,6 +576,61 @@ class TRACETrainer(GRPOTrainer):
             with open(path) as f:
                 self.privileged_exposure = float(json.load(f)["privileged_exposure"])
         self.teacher.load(self.accelerator.unwrap_model(self.model), checkpoint)
+
+
+def _full_head(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Under FSDP2 the head's weight is a DTensor; the chunked kernel needs plain tensors (one all-gather, as TRL's
+    distillation loss does). ZeRO-3 partitions are gathered inside the kernel itself."""
+    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
+    if dtensor is not None and isinstance(weight, dtensor):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    return weight, bias
+
+
+def _check_sharded_training(trainer: TRACETrainer, args: TRACEConfig) -> None:
+    """Refuse full fine-tuning under ZeRO-3 / FSDP with the KL channel on; warn that LoRA there is unverified.
+
+    The KL channel reads `lm_head.weight` directly, outside the model's forward. For a frozen head (LoRA) that only
+    needs the weight gathered (the chunked kernel does it under ZeRO-3; FSDP2 DTensors are materialized in
+    `_compute_loss`). A trained head under ZeRO-3 / FSDP would also need its gradient reduced by the engine, which only
+    happens for losses computed inside the wrapped module's forward (TRL's `_ForwardRedirection`); TRACE does not do
+    that yet, so the head's KL gradient could be silently wrong.
+    """
+    if args.kl_coef == 0:
+        return
+    zero3 = bool(trainer.is_deepspeed_enabled) and getattr(
+        trainer.accelerator.state.deepspeed_plugin, "zero_stage", None
+    ) == 3
+    fsdp = bool(trainer.is_fsdp_enabled)
+    if not (zero3 or fsdp):
+        return
+    engine = "DeepSpeed ZeRO-3" if zero3 else "FSDP"
+    if not is_peft_model(trainer.accelerator.unwrap_model(trainer.model)):
+        raise NotImplementedError(
+            f"TRACE's KL channel with full fine-tuning under {engine} is not supported: the routed divergence reads "
+            "the LM head outside the model's forward, so the engine would not reduce the head's gradient. Use LoRA "
+            "(`peft_config=`), DDP or DeepSpeed ZeRO-1/2, or set `kl_coef=0` for plain GRPO. See docs/scaling.md."
+        )
+    logger.warning(
+        "TRACE with LoRA under %s has not been verified on real hardware (only DDP was); see docs/scaling.md.", engine
+    )
+
+
+def _warn_if_resume_is_inexact(args: TRACEConfig) -> None:
+    """GRPO regenerates rollouts after a resume: a checkpoint inside a generation window cannot resume exactly."""
+    if args.save_strategy != "steps" or args.save_steps < 1:
+        return
+    window = args.steps_per_generation * args.num_iterations  # micro-steps between two generations
+    if (int(args.save_steps) * args.gradient_accumulation_steps) % window != 0:
+        logger.warning(
+            "Checkpoints every %d optimizer steps fall inside a generation window (steps_per_generation=%d x "
+            "num_iterations=%d micro-steps, gradient_accumulation_steps=%d): GRPO regenerates rollouts after a "
+            "resume, so resuming from such a checkpoint trains on new rollouts and does not reproduce the "
+            "uninterrupted run. For exact resume, make save_steps x gradient_accumulation_steps a multiple of "
+            "steps_per_generation x num_iterations.",
+            int(args.save_steps), args.steps_per_generation, args.num_iterations, args.gradient_accumulation_steps,
+        )
 
 
 def _spans_for_rollout(annotation: Annotation, is_correct: bool, text_length: int) -> tuple[list[Span], int]:

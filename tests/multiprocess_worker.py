@@ -1,0 +1,101 @@
+"""One process of the two-process CPU (gloo) test in `test_multiprocess.py`; not a test module itself.
+
+Run with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set: `TRACEConfig(use_cpu=True)` then makes
+Accelerate build a gloo process group and TRL wraps the policy in DDP. Only rank 0's rollouts get spans, so rank 1
+routes nothing while rank 0 does (it must still join every collective). The process trains two steps, then builds
+one more batch and computes the loss and the DDP-averaged gradients on it for each loss type, and dumps the batch,
+losses, gradients, weights and logs to `<out_dir>/rank<r>.pt`.
+
+Usage: python multiprocess_worker.py MODEL_DIR OUT_DIR PEFT(0|1)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+for key, value in {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+}.items():
+    os.environ.setdefault(key, value)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from trainer_helpers import HalfSpanAnnotator, lora_config, math_dataset, parity_reward, trace_config  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from trace_trl import TRACETrainer  # noqa: E402
+from trace_trl.annotators import Annotation  # noqa: E402
+
+
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+BATCH_KEYS = (
+    "prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch",
+    "trace_route", "trace_labels", "teacher_input_ids", "teacher_attention_mask",
+)
+
+
+class RankZeroAnnotator(HalfSpanAnnotator):
+    """Spans on rank 0's rollouts only; rank 1's rollouts train as plain GRPO."""
+
+    def bind(self, trainer) -> None:
+        self.rank = trainer.accelerator.process_index
+
+    def __call__(self, requests):
+        if self.rank == 0:
+            return super().__call__(requests)
+        return [Annotation() for _ in requests]
+
+
+def build(model_dir: str, out_dir: str, peft: bool, **overrides) -> TRACETrainer:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args = trace_config(
+        Path(out_dir),
+        max_steps=2, kl_warmup_steps=100, error_span_action="rkl", **overrides,
+    )
+    return TRACETrainer(
+        model=model_dir, reward_funcs=parity_reward, args=args, train_dataset=math_dataset(),
+        processing_class=tokenizer, annotator=RankZeroAnnotator(), peft_config=lora_config() if peft else None,
+    )
+
+
+def main(model_dir: str, out_dir: str, peft: bool) -> None:
+    trainer = build(model_dir, out_dir, peft)
+    rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    assert world == 2, f"expected 2 processes, got {world}"
+    trainer.train()  # must not hang although rank 1 never routes a token
+    logs = [{k: v for k, v in r.items() if k.startswith("trace/")} for r in trainer.state.log_history]
+
+    model = trainer.model_wrapped
+    assert isinstance(model, torch.nn.parallel.DistributedDataParallel), type(model)
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    rows = [math_dataset()[rank] for _ in range(4)]  # one prompt group per process
+    batch = trainer._generate_and_score_completions(rows)
+    results = {}
+    for loss_type in LOSS_TYPES:
+        trainer.loss_type = loss_type
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, batch)
+        trainer.accelerator.backward(loss)  # DDP all-reduce: gradients are averaged over the two processes
+        grads = {n: p.grad.detach().clone() for n, p in unwrapped.named_parameters() if p.grad is not None}
+        results[loss_type] = {"loss": loss.detach().item(), "grads": grads}
+    torch.save(
+        {
+            "rank": rank,
+            "batch": {k: batch[k].detach().cpu() for k in BATCH_KEYS},
+            "results": results,
+            "weights": {n: p.detach().clone() for n, p in unwrapped.state_dict().items()},
+            "logs": logs,
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+    trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3] == "1")
