@@ -221,7 +221,7 @@ def test_tiny_training_run_from_a_recipe(tiny_model_dir, tmp_path):
     logged = {key for entry in state["log_history"] for key in entry}
     assert {"trace/kl_weight", "trace/error_token_frac", "reward"} <= logged
     card = (output_dir / "README.md").read_text()
-    assert "## TRACE settings" in card and "RegexAnnotator" in card and "`error_span_action` | `'rkl'`" in card
+    assert "## TRACE settings" in card and "RegexAnnotator" in card and "| `error_span_action` | `rkl` |" in card
 
 
 def test_grpo_recipe_runs_without_an_annotator(tiny_model_dir, tmp_path):

@@ -117,9 +117,10 @@ def annotator_card_settings(annotator: Any) -> dict[str, Any]:
 
 
 def _format(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}={_format(v)}" for k, v in value.items())
-    return f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
+    if isinstance(value, Mapping):  # annotator settings: `Class` (name=`value`, ...)
+        details = ", ".join(f"{k}={_format(v)}" for k, v in value.items() if k != "class")
+        return f"`{value.get('class')}`" + (f" ({details})" if details else "")
+    return f"`{value}`"
 
 
 def _md_cell(text: str) -> str:
