@@ -10,7 +10,7 @@ import torch
 from trainer_helpers import HalfSpanAnnotator, math_dataset, parity_reward, trace_config
 
 from trace_trl import TRACETrainer
-from trace_trl.annotators import Annotation, AllTokensAnnotator, RandomSpanAnnotator, RegexAnnotator
+from trace_trl.annotators import AllTokensAnnotator, Annotation, RandomSpanAnnotator, RegexAnnotator
 from trace_trl.model_card import (
     REDACTED,
     add_trace_settings,
