@@ -40,6 +40,7 @@ from .losses import (
     normalize_like_grpo,
     routed_divergence,
 )
+from .model_card import add_trace_settings
 from .schedule import kl_weight
 from .spans import Span, token_labels
 from .teacher import Teacher, causal_lm_of, lm_head_scaling
@@ -576,6 +577,23 @@ class TRACETrainer(GRPOTrainer):
             with open(path) as f:
                 self.privileged_exposure = float(json.load(f)["privileged_exposure"])
         self.teacher.load(self.accelerator.unwrap_model(self.model), checkpoint)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Model card
+    # ------------------------------------------------------------------------------------------------------------
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card (TRACE, its paper and TRL cited) plus a "TRACE settings" section; see `trace_trl.model_card`."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=[*tags, "self-distillation"])
+        if self.is_world_process_zero():
+            add_trace_settings(os.path.join(self.args.output_dir, "README.md"), self.args, self.annotator)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        super().save_model(output_dir, _internal_call)
+        # A user's save into the run folder also writes the card (checkpoints and `push_to_hub` write their own).
+        run_folder = os.path.abspath(self.args.output_dir)
+        if not _internal_call and os.path.abspath(output_dir or run_folder) == run_folder:
+            self.create_model_card(model_name=os.path.basename(os.path.normpath(self.args.output_dir)))
 
 
 def _full_head(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

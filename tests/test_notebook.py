@@ -1,0 +1,52 @@
+"""The quickstart notebook executes top to bottom on CPU (tiny local model, no download)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "trace_quickstart.ipynb"
+
+
+def _missing_notebook_tools() -> str | None:
+    for module in ("nbclient", "nbformat", "ipykernel", "matplotlib"):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed (pip install 'trace-trl[test]' installs the notebook tools)"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_missing_notebook_tools() is not None, reason=str(_missing_notebook_tools()))
+def test_quickstart_notebook_runs_on_cpu(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    # The kernel inherits this environment: offline, the CPU path, and this checkout on the path.
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("TRACE_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    started = time.monotonic()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    elapsed = time.monotonic() - started
+
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "\n".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "CPU: a tiny local Qwen3" in text
+    assert "## TRACE settings" in text and "`kl_coef`" in text
+    html = "\n".join(o.get("data", {}).get("text/html", "") for o in outputs if o.output_type == "execute_result")
+    assert "<mark" in html, "the annotated rollouts show highlighted spans"
+    assert any("image/png" in o.get("data", {}) for o in outputs if o.output_type == "display_data"), "the curves"
+    assert elapsed < 120, f"the notebook took {elapsed:.0f}s on CPU"

@@ -1,0 +1,589 @@
+"""`trace-trl train`: train TRACE (or one of its baselines) from a YAML recipe, with command-line overrides.
+
+```bash
+trace-trl train qwen3-8b-trace-fkl                                  # a recipe shipped with the package, by name
+trace-trl train my_recipe.yaml --learning_rate 5e-7 --max_steps 100  # a file, with overrides
+trace-trl train --list                                              # the shipped recipes
+accelerate launch --config_file zero3.yaml -m trace_trl.train qwen3-8b-trace-fkl
+```
+
+The arguments are TRL's: a [`TraceScriptArguments`] (dataset, rewards, annotator), a [`~trace_trl.TRACEConfig`]
+(every `GRPOConfig` field plus TRACE's) and a [`~trl.ModelConfig`] (model, dtype, LoRA), parsed by
+[`~trl.TrlParser`] from the YAML recipe and then the command line, which wins. The script reads top to bottom like
+open-r1's `grpo.py`: logging, dataset, tokenizer, model, rewards, annotator, trainer, train, save, push.
+
+Secrets never go in a recipe: the annotator's API key is read from the environment (`annotator_api_key_env`,
+`OPENAI_API_KEY` by default), and a recipe holding an API key or token is refused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trl import ScriptArguments
+
+
+logger = logging.getLogger(__name__)
+
+ANNOTATORS: tuple[str, ...] = (
+    "none",
+    "regex",
+    "all_tokens",
+    "random",
+    "random_like_openai",
+    "random_like_self",
+    "openai",
+    "self",
+)
+# Named patterns a recipe may use instead of a raw regular expression (see `RegexAnnotator`).
+REGEX_CONSTANTS: tuple[str, ...] = ("BOXED", "BOXED_CONTENT", "EQUATION", "EQUALS_LINE", "ANSWER_LINE")
+# Recipe keys (at any depth, `env:` included) that hold credentials. They belong in the environment.
+_SECRET_KEY = re.compile(r"(^|_)(api_?keys?|token|secrets?|password|passwd|credentials?)$", re.IGNORECASE)
+
+
+@dataclass
+class TraceScriptArguments(ScriptArguments):
+    r"""
+    Script arguments of `trace-trl train`: the dataset, the reward functions and the annotator.
+
+    The dataset fields of [`~trl.ScriptArguments`] are used as follows: `dataset_name` is a Hub id or a local file
+    (`.jsonl`, `.parquet`, ...) read by [`~trace_trl.data.load_math_dataset`], `dataset_config` its Hub config, and
+    `dataset_train_split` / `dataset_test_split` the splits.
+
+    Args:
+        dataset_source (`str` or `None`, *optional*, defaults to `None`):
+            Schema of the dataset: `"math"`, `"gsm8k"`, `"numina"`, `"openr1"` or `"custom"`; `None` guesses from
+            `dataset_name`.
+        prompt_column, answer_column, solution_column (`str`, *optional*):
+            `"custom"` schema only: the columns with the problem, the gold answer (`None`: the last `\boxed{}` of the
+            solution) and the reference solution (the teacher's privileged context).
+        system_prompt (`str` or `None`, *optional*, defaults to `None`):
+            System turn of every prompt.
+        instruction (`str` or `None`, *optional*):
+            Instruction appended to every problem (asks for a `\boxed{}` answer by default).
+        strip_thinking (`bool`, *optional*, defaults to `False`):
+            Remove `<think>` blocks from the reference solutions.
+        drop_empty_solutions (`bool`, *optional*, defaults to `False`):
+            Drop rows without a reference solution instead of failing.
+        max_train_samples (`int` or `None`, *optional*, defaults to `None`):
+            Keep only the first rows of the training split.
+        reward_funcs (`list[str]`, *optional*, defaults to `["accuracy_reward", "format_reward"]`):
+            Reward functions by name (`trace_trl.rewards.REWARD_FUNCTIONS`) or dotted import path. Weights go in
+            `reward_weights` (a `TRACEConfig` field).
+        annotator (`str`, *optional*, defaults to `"none"`):
+            `"regex"`, `"all_tokens"` (all-token self-OPD baseline), `"random"` (random spans), `"random_like_openai"`
+            / `"random_like_self"` (the random-span control: the spans of that annotator moved to random places),
+            `"openai"` (any OpenAI-compatible server), `"self"` (the policy annotates its own rollouts), or `"none"`
+            (only with `kl_coef: 0`, i.e. GRPO).
+        annotator_model, annotator_base_url, annotator_api_key_env, annotator_max_concurrency, annotator_timeout,
+        annotator_max_retries, annotator_cache_dir, annotator_max_key_spans, annotator_temperature,
+        annotator_max_tokens, annotator_extra_body:
+            Settings of the `"openai"` annotator. The key itself is read from the environment variable
+            `annotator_api_key_env`; it is never a recipe field.
+        self_annotator_max_new_tokens, self_annotator_temperature, self_annotator_top_p, self_annotator_batch_size:
+            Sampling settings of the `"self"` annotator (`None` keeps `SelfAnnotator`'s defaults).
+        regex_key_patterns, regex_error_patterns (`list[str]`):
+            Patterns of the `"regex"` annotator: raw regular expressions or names of `RegexAnnotator` constants.
+        random_seed, random_span_fraction, random_num_spans:
+            Settings of the random-span annotators.
+        all_tokens_incorrect (`bool`, *optional*, defaults to `False`):
+            `"all_tokens"` only: also give incorrect rollouts an all-token error span.
+    """
+
+    # Dataset (beyond TRL's `dataset_name`, `dataset_config`, `dataset_train_split`, `dataset_test_split`)
+    dataset_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset schema: 'math', 'gsm8k', 'numina', 'openr1' or 'custom'; None guesses from dataset_name.",
+            "choices": ["math", "gsm8k", "numina", "openr1", "custom"],
+        },
+    )
+    prompt_column: str = field(default="problem", metadata={"help": "'custom' schema: column with the problem."})
+    answer_column: str | None = field(
+        default="answer",
+        metadata={"help": "'custom' schema: column with the gold answer; None reads the solution's last \\boxed{}."},
+    )
+    solution_column: str = field(
+        default="solution", metadata={"help": "'custom' schema: column with the reference solution."}
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System turn of every prompt."})
+    instruction: str | None = field(
+        default="Please reason step by step, and put your final answer within \\boxed{}.",
+        metadata={"help": "Instruction appended to every problem; None appends nothing."},
+    )
+    strip_thinking: bool = field(
+        default=False, metadata={"help": "Remove <think> blocks from the reference solutions."}
+    )
+    drop_empty_solutions: bool = field(
+        default=False, metadata={"help": "Drop rows without a reference solution instead of failing."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first rows of the training split."}
+    )
+
+    # Rewards
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy_reward", "format_reward"],
+        metadata={
+            "help": "Reward functions: 'accuracy_reward', 'boxed_match_reward', 'format_reward', "
+            "'multiple_choice_reward', or a dotted import path. Weights go in `reward_weights`."
+        },
+    )
+
+    # Annotator
+    annotator: str = field(
+        default="none",
+        metadata={
+            "help": "Span annotator: 'regex', 'all_tokens', 'random', 'random_like_openai', 'random_like_self', "
+            "'openai', 'self', or 'none' (GRPO, kl_coef 0).",
+            "choices": list(ANNOTATORS),
+        },
+    )
+    annotator_model: str | None = field(
+        default=None, metadata={"help": "'openai' annotator: model name as the server knows it."}
+    )
+    annotator_base_url: str | None = field(
+        default=None,
+        metadata={"help": "'openai' annotator: server URL, e.g. http://localhost:8000/v1 (None: OpenAI)."},
+    )
+    annotator_api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "'openai' annotator: environment variable holding the API key (never put the key itself)."},
+    )
+    annotator_max_concurrency: int = field(
+        default=16, metadata={"help": "'openai' annotator: most requests in flight per process."}
+    )
+    annotator_timeout: float = field(default=60.0, metadata={"help": "'openai' annotator: seconds per request."})
+    annotator_max_retries: int = field(
+        default=3, metadata={"help": "'openai' annotator: retries on 429/5xx/timeouts before a failed annotation."}
+    )
+    annotator_cache_dir: str | None = field(
+        default=None, metadata={"help": "'openai' annotator: folder of a persistent cache of annotations."}
+    )
+    annotator_max_key_spans: int | None = field(
+        default=None, metadata={"help": "'openai'/'self' annotator: most key steps asked for per correct rollout."}
+    )
+    annotator_temperature: float | None = field(
+        default=None, metadata={"help": "'openai' annotator: sampling temperature of the annotator model."}
+    )
+    annotator_max_tokens: int | None = field(
+        default=None, metadata={"help": "'openai' annotator: most tokens in the annotator's answer."}
+    )
+    annotator_extra_body: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "'openai' annotator: extra request fields as a dict or JSON string, e.g. "
+            '\'{"chat_template_kwargs": {"enable_thinking": false}}\' for a vLLM server.'
+        },
+    )
+    self_annotator_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "'self' annotator: most new tokens of the policy's annotation."}
+    )
+    self_annotator_temperature: float | None = field(
+        default=None, metadata={"help": "'self' annotator: sampling temperature (0 = greedy)."}
+    )
+    self_annotator_top_p: float | None = field(default=None, metadata={"help": "'self' annotator: top-p."})
+    self_annotator_batch_size: int | None = field(
+        default=None, metadata={"help": "'self' annotator: rollouts annotated per generate call."}
+    )
+    regex_key_patterns: list[str] = field(
+        default_factory=lambda: ["BOXED", "EQUATION"],
+        metadata={"help": f"'regex' annotator: key-span patterns (regexes or {', '.join(REGEX_CONSTANTS)})."},
+    )
+    regex_error_patterns: list[str] = field(
+        default_factory=list,
+        metadata={"help": "'regex' annotator: error-span patterns (regexes or RegexAnnotator constant names)."},
+    )
+    random_seed: int = field(default=0, metadata={"help": "Random-span annotators: seed."})
+    random_span_fraction: float = field(
+        default=0.1, metadata={"help": "'random' annotator: fraction of each completion's characters to cover."}
+    )
+    random_num_spans: int = field(default=1, metadata={"help": "'random' annotator: spans per rollout."})
+    all_tokens_incorrect: bool = field(
+        default=False,
+        metadata={"help": "'all_tokens' annotator: also give incorrect rollouts an all-token error span."},
+    )
+
+    def __post_init__(self):
+        if self.annotator not in ANNOTATORS:
+            raise ValueError(f"`annotator` must be one of {', '.join(ANNOTATORS)}; got {self.annotator!r}.")
+        if isinstance(self.annotator_extra_body, str):
+            try:
+                self.annotator_extra_body = json.loads(self.annotator_extra_body)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"`annotator_extra_body` must be a JSON object: {exc}") from exc
+        for name in ("answer_column", "system_prompt", "instruction", "annotator_base_url", "annotator_cache_dir"):
+            if getattr(self, name) in ("None", "none", "null"):  # `--answer_column None` on the command line
+                setattr(self, name, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def recipes_dir() -> Path:
+    """Folder of the recipes shipped with the package (`trace_trl/recipes/`)."""
+    return Path(str(importlib.resources.files("trace_trl") / "recipes"))
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (file names without `.yaml`)."""
+    return sorted(path.stem for path in recipes_dir().glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str) -> str:
+    """A recipe file: `name_or_path` itself if it is a file, else the shipped recipe of that name."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    name = name_or_path[: -len(".yaml")] if name_or_path.endswith(".yaml") else name_or_path
+    shipped = recipes_dir() / f"{name}.yaml"
+    if shipped.is_file():
+        return str(shipped)
+    raise FileNotFoundError(
+        f"No recipe file {name_or_path!r} and no shipped recipe named {name!r}. Shipped recipes: "
+        f"{', '.join(list_recipes())}."
+    )
+
+
+def check_recipe_has_no_secrets(config: Any, path: str = "") -> None:
+    """Refuse a recipe that holds credentials (API keys, tokens, passwords), in any key, `env:` included."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            where = f"{path}.{key}" if path else str(key)
+            if _SECRET_KEY.search(str(key)) and value not in (None, "", False):
+                raise ValueError(
+                    f"The recipe sets `{where}`, which looks like a credential. Secrets never go in a recipe (it is "
+                    "copied into logs, checkpoints and Hub repos): export it in the environment instead, e.g. "
+                    "`export OPENAI_API_KEY=...` (see `annotator_api_key_env`) or `huggingface-cli login`."
+                )
+            check_recipe_has_no_secrets(value, where)
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            check_recipe_has_no_secrets(value, f"{path}[{i}]")
+
+
+def _config_argv(argv: list[str]) -> list[str]:
+    """`[recipe, *overrides]` or `[--config, recipe, *overrides]` -> TrlParser's `[--config, file, *overrides]`."""
+    import yaml
+
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--config", argv[0], *argv[1:]]
+    if "--config" in argv:
+        index = argv.index("--config") + 1
+        if index >= len(argv):
+            raise ValueError("`--config` needs a recipe file or name.")
+        argv[index] = resolve_recipe(argv[index])
+        with open(argv[index]) as f:
+            check_recipe_has_no_secrets(yaml.safe_load(f))
+    return argv
+
+
+def make_parser():
+    """TRL's parser over `(TraceScriptArguments, TRACEConfig, ModelConfig)`."""
+    from trl import ModelConfig, TrlParser
+
+    from .config import TRACEConfig
+
+    return TrlParser((TraceScriptArguments, TRACEConfig, ModelConfig), prog="trace-trl train")
+
+
+def parse_args(argv: list[str]):
+    """Parse a recipe plus overrides into `(script_args, training_args, model_args)`, as `trace-trl train` does."""
+    return make_parser().parse_args_and_config(_config_argv(argv))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rewards and annotators
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def get_reward_funcs(names: list[str]) -> list[Any]:
+    """Reward functions by name (`trace_trl.rewards.REWARD_FUNCTIONS`) or dotted import path."""
+    from .rewards import REWARD_FUNCTIONS
+
+    funcs = []
+    for name in names:
+        if name in REWARD_FUNCTIONS:
+            funcs.append(REWARD_FUNCTIONS[name])
+        elif "." in name:
+            module_name, attribute = name.rsplit(".", 1)
+            sys.path.insert(0, os.getcwd())
+            funcs.append(getattr(importlib.import_module(module_name), attribute))
+        else:
+            raise ValueError(
+                f"Unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or a dotted import path."
+            )
+    return funcs
+
+
+def _patterns(patterns: list[str]) -> list[str]:
+    from .annotators import RegexAnnotator
+
+    return [getattr(RegexAnnotator, p) if p in REGEX_CONSTANTS else p for p in patterns]
+
+
+def _drop_none(**kwargs: Any) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _openai_annotator(script_args: TraceScriptArguments):
+    from .annotators import OpenAIAnnotator
+
+    if not script_args.annotator_model:
+        raise ValueError("The 'openai' annotator needs `annotator_model` (the model name the server knows).")
+    optional = _drop_none(
+        max_key_spans=script_args.annotator_max_key_spans,
+        temperature=script_args.annotator_temperature,
+        max_tokens=script_args.annotator_max_tokens,
+        extra_body=script_args.annotator_extra_body,
+    )
+    if script_args.annotator_api_key_env != "OPENAI_API_KEY":
+        optional["api_key_env"] = script_args.annotator_api_key_env
+    # No `api_key=`: the annotator reads it from the environment itself, so it never passes through the arguments.
+    return OpenAIAnnotator(
+        script_args.annotator_model,
+        base_url=script_args.annotator_base_url,
+        max_concurrency=script_args.annotator_max_concurrency,
+        timeout=script_args.annotator_timeout,
+        max_retries=script_args.annotator_max_retries,
+        cache_dir=script_args.annotator_cache_dir,
+        **optional,
+    )
+
+
+def _self_annotator(script_args: TraceScriptArguments):
+    from .annotators import SelfAnnotator
+
+    return SelfAnnotator(
+        **_drop_none(
+            max_new_tokens=script_args.self_annotator_max_new_tokens,
+            temperature=script_args.self_annotator_temperature,
+            top_p=script_args.self_annotator_top_p,
+            batch_size=script_args.self_annotator_batch_size,
+            max_key_spans=script_args.annotator_max_key_spans,
+        )
+    )
+
+
+def build_annotator(script_args: TraceScriptArguments):
+    """The annotator a recipe asks for (`None` for `annotator: none`)."""
+    from .annotators import AllTokensAnnotator, RandomSpanAnnotator, RegexAnnotator
+
+    kind = script_args.annotator
+    if kind == "none":
+        return None
+    if kind == "regex":
+        return RegexAnnotator(
+            key_patterns=_patterns(script_args.regex_key_patterns),
+            error_patterns=_patterns(script_args.regex_error_patterns),
+        )
+    if kind == "all_tokens":
+        return AllTokensAnnotator(kind_for_incorrect="error" if script_args.all_tokens_incorrect else None)
+    if kind == "random":
+        return RandomSpanAnnotator(
+            seed=script_args.random_seed,
+            span_fraction=script_args.random_span_fraction,
+            num_spans=script_args.random_num_spans,
+        )
+    if kind == "random_like_openai":
+        return RandomSpanAnnotator(seed=script_args.random_seed, like=_openai_annotator(script_args))
+    if kind == "random_like_self":
+        return RandomSpanAnnotator(seed=script_args.random_seed, like=_self_annotator(script_args))
+    if kind == "openai":
+        return _openai_annotator(script_args)
+    return _self_annotator(script_args)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The script
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
+    """Train from parsed arguments; returns the trainer."""
+    import datasets
+    import transformers
+    from transformers import AutoTokenizer, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import get_peft_config, get_quantization_config
+
+    from .data import load_math_dataset
+    from .trainer import TRACETrainer
+
+    set_seed(training_args.seed)
+
+    ###############
+    # Setup logging
+    ###############
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    logging.getLogger("trace_trl").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.info(f"Model parameters {model_args}")
+    logger.info(f"Script parameters {script_args}")
+    logger.info(f"Training parameters {training_args}")
+
+    # Check for last checkpoint
+    last_checkpoint = None
+    if os.path.isdir(training_args.output_dir):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+    if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+        logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
+
+    ################
+    # Load datasets
+    ################
+    if not script_args.dataset_name:
+        raise ValueError("Set `dataset_name` (a Hub dataset id or a local .jsonl/.parquet file) in the recipe.")
+    dataset_kwargs = dict(
+        source=script_args.dataset_source,
+        config_name=script_args.dataset_config,
+        prompt_column=script_args.prompt_column,
+        answer_column=script_args.answer_column,
+        solution_column=script_args.solution_column,
+        system_prompt=script_args.system_prompt,
+        instruction=script_args.instruction,
+        strip_thinking=script_args.strip_thinking,
+        drop_empty_solutions=script_args.drop_empty_solutions,
+    )
+    train_dataset = load_math_dataset(
+        script_args.dataset_name,
+        split=script_args.dataset_train_split,
+        limit=script_args.max_train_samples,
+        **dataset_kwargs,
+    )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = load_math_dataset(
+            script_args.dataset_name, split=script_args.dataset_test_split, **dataset_kwargs
+        )
+
+    ################
+    # Load tokenizer
+    ################
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    ##############
+    # Model kwargs
+    ##############
+    # The trainer loads the model from its id (and the teacher/reference from the same id) with these kwargs.
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+    peft_config = get_peft_config(model_args)
+
+    #############################
+    # Reward functions, annotator
+    #############################
+    reward_funcs = get_reward_funcs(script_args.reward_funcs)
+    annotator = build_annotator(script_args)
+    if annotator is None and training_args.kl_coef > 0:
+        raise ValueError(
+            "This recipe has `kl_coef > 0` but `annotator: none`. Choose an annotator (regex, all_tokens, random, "
+            "random_like_openai, random_like_self, openai, self) or set `kl_coef: 0` for plain GRPO."
+        )
+    logger.info(f"Annotator: {type(annotator).__name__ if annotator is not None else None}")
+
+    #############################
+    # Initialize the TRACE trainer
+    #############################
+    trainer = TRACETrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        quantization_config=get_quantization_config(model_args),
+        annotator=annotator,
+    )
+
+    ###############
+    # Training loop
+    ###############
+    logger.info("*** Train ***")
+    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = train_result.metrics
+    metrics["train_samples"] = len(train_dataset)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    ##################################
+    # Save model and create model card
+    ##################################
+    logger.info("*** Save model ***")
+    trainer.model.generation_config.eos_token_id = tokenizer.eos_token_id
+    trainer.save_model(training_args.output_dir)
+    logger.info(f"Model saved to {training_args.output_dir}")
+
+    kwargs = {"dataset_name": script_args.dataset_name if not os.path.exists(script_args.dataset_name) else None}
+    if trainer.accelerator.is_main_process:
+        trainer.create_model_card(model_name=Path(training_args.output_dir).name, **kwargs)
+        # Restore k,v cache for fast inference
+        trainer.model.config.use_cache = True
+        trainer.model.config.save_pretrained(training_args.output_dir)
+
+    #############
+    # push to hub
+    #############
+    if training_args.push_to_hub:
+        logger.info("Pushing to hub...")
+        trainer.push_to_hub(**kwargs)
+
+    if callable(getattr(trainer, "end", None)):  # transformers >= 5.18: finish trackers, destroy process group
+        trainer.end()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--list":
+        for name in list_recipes():
+            print(name)
+        return 0
+    try:
+        argv = _config_argv(argv)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"trace-trl train: {exc}", file=sys.stderr)
+        return 2
+    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    run(script_args, training_args, model_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
