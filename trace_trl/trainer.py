@@ -160,6 +160,11 @@ class TRACETrainer(GRPOTrainer):
             )
         _check_sharded_training(self, args)
         _warn_if_resume_is_inexact(args)
+        if self._is_vlm and args.kl_coef > 0:
+            raise NotImplementedError(
+                "TRACE's teacher forward runs the text decoder only, so vision-language models are not supported yet; "
+                "set `kl_coef=0` to train them with plain GRPO."
+            )
         self.annotator = annotator
         if annotator is not None:
             bind_annotator(annotator, self)
