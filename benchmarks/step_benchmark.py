@@ -64,10 +64,10 @@ if str(REPO_ROOT) not in sys.path:
 
 METHODS: tuple[str, ...] = ("grpo", "trace", "dense")
 QWEN3_VOCAB_SIZE = 151936
-# Bytes of `[B, T, V]` float32 buffers the dense baseline holds at its peak, in units of one `[B, T, V]` fp32 tensor
-# (student logits, student log-probs, teacher logits, teacher log-probs, teacher probs, the difference, the product and
-# the gradients of the backward). Measured on CPU at T = 512 to 2048; used only to skip configurations up front.
-DENSE_PEAK_COPIES = 9.0
+# Peak memory the dense baseline adds, in `[B, T, V]` float32 tensors (student and teacher logits, log-probs, teacher
+# probs, the difference, the product, the backward's gradients): 7.1 measured on CPU at T = 512 and 1024. Used only to
+# skip configurations up front (`--max-memory-gb`).
+DENSE_PEAK_COPIES = 7.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -450,13 +450,15 @@ def measure_configuration(spec: dict[str, Any], trainer_cache: dict[str, Any] | 
         _limit_address_space(spec["max_memory_gb"])
     memory = PeakMemory(device)
     times: list[float] = []
+    cpu_times: list[float] = []  # CPU seconds of all threads: on a shared VM, steadier than wall time
     try:
         memory.start()
         for i in range(spec["warmup"] + spec["repeats"]):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             loss = step()
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
         peak = memory.peak_increase_mib()
     except (MemoryError, RuntimeError) as exc:  # CPU allocation failure under the address-space cap, or CUDA OOM
         if "memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
@@ -468,6 +470,7 @@ def measure_configuration(spec: dict[str, Any], trainer_cache: dict[str, Any] | 
         "loss": loss,
         "time_s": statistics.median(times),
         "times_s": times,
+        "cpu_s": statistics.median(cpu_times),
         "peak_mib": peak,
         "memory_source": memory.source,
     }
@@ -532,6 +535,7 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
         ok = r.get("status") == "ok" and base is not None
         r["time_ratio"] = r["time_s"] / base["time_s"] if ok and base["time_s"] > 0 else None
         r["memory_ratio"] = r["peak_mib"] / base["peak_mib"] if ok and base["peak_mib"] > 0 else None
+        r["cpu_ratio"] = r["cpu_s"] / base["cpu_s"] if ok and base.get("cpu_s") else None
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -600,17 +604,18 @@ def format_table(results: list[dict[str, Any]]) -> str:
         return "—" if value is None else f"{value:.2f}x"
 
     lines = [
-        "| length | batch | method | time (s) | time vs GRPO | peak memory (MiB) | memory vs GRPO |",
-        "|---:|---:|:---|---:|---:|---:|---:|",
+        "| length | batch | method | time (s) | time vs GRPO | peak memory (MiB) | memory vs GRPO | CPU time (s) "
+        "| CPU time vs GRPO |",
+        "|---:|---:|:---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.get("status") != "ok":
             status = r.get("status", "error")
-            lines.append(f"| {r['length']} | {r['batch']} | {r['method']} | {status} | — | {status} | — |")
+            lines.append(f"| {r['length']} | {r['batch']} | {r['method']} | {status} | — | {status} | — | — | — |")
             continue
         lines.append(
             f"| {r['length']} | {r['batch']} | {r['method']} | {r['time_s']:.3f} | {ratio(r['time_ratio'])} "
-            f"| {r['peak_mib']:.0f} | {ratio(r['memory_ratio'])} |"
+            f"| {r['peak_mib']:.0f} | {ratio(r['memory_ratio'])} | {r['cpu_s']:.2f} | {ratio(r.get('cpu_ratio'))} |"
         )
     return "\n".join(lines)
 
