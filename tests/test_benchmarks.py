@@ -1,0 +1,106 @@
+"""`benchmarks/step_benchmark.py` at a tiny size, in-process: the result structure and the GRPO-relative ratios."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def step_benchmark():
+    spec = importlib.util.spec_from_file_location("step_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_ARGS = [
+    "--tokenizer",
+    "tiny",
+    "--vocab-size",
+    "512",
+    "--hidden-size",
+    "32",
+    "--num-layers",
+    "1",
+    "--prompt-length",
+    "8",
+    "--teacher-prompt-length",
+    "12",
+    "--spans-per-row",
+    "2",
+    "--lengths",
+    "16",
+    "32",
+    "--batch-sizes",
+    "2",
+    "1",
+    "--repeats",
+    "2",
+    "--warmup",
+    "0",
+    "--in-process",
+]
+
+
+def test_step_benchmark_reports_every_method_with_ratios_against_this_runs_grpo(step_benchmark):
+    report = step_benchmark.run_benchmark(step_benchmark.parse_args(TINY_ARGS))
+
+    assert set(report) == {"config", "machine", "results"}
+    assert report["config"]["vocab_size"] == 512 and report["config"]["lengths"] == [16, 32]
+    assert report["machine"]["torch"]
+    results = report["results"]
+    assert [(r["length"], r["batch"], r["method"]) for r in results] == [
+        (length, batch, method) for length, batch in ((16, 2), (32, 1)) for method in ("grpo", "trace", "dense")
+    ]
+    for r in results:
+        assert r["status"] == "ok", r
+        assert len(r["times_s"]) == 2 and r["time_s"] > 0
+        assert r["time_s"] == pytest.approx(statistics.median(r["times_s"]))
+        assert r["peak_mib"] >= 0 and math.isfinite(r["loss"])
+        grpo = next(g for g in results if g["method"] == "grpo" and g["length"] == r["length"])
+        assert r["time_ratio"] == pytest.approx(r["time_s"] / grpo["time_s"])
+        assert r["cpu_ratio"] == pytest.approx(r["cpu_s"] / grpo["cpu_s"])
+        if grpo["peak_mib"] > 0:
+            assert r["memory_ratio"] == pytest.approx(r["peak_mib"] / grpo["peak_mib"])
+        else:
+            assert r["memory_ratio"] is None
+    by_method = {(r["length"], r["method"]): r for r in results}
+    assert by_method[(16, "grpo")]["time_ratio"] == pytest.approx(1.0)
+    # TRACE routes a fraction of the tokens of some rows; dense distills every completion token of every row.
+    trace, dense = by_method[(16, "trace")], by_method[(16, "dense")]
+    assert 0 < trace["routed_tokens"] < dense["routed_tokens"] == dense["completion_tokens"]
+    assert trace["teacher_rows"] == 1 and dense["teacher_rows"] == 2
+
+    table = step_benchmark.format_table(results)
+    assert table.splitlines()[0].startswith("| length | batch | method | time (s) | time vs GRPO |")
+    assert len(table.splitlines()) == 2 + len(results)
+
+
+def test_ratios_use_the_grpo_row_of_the_same_length_and_skipped_rows_get_none(step_benchmark):
+    results = [
+        {"length": 8, "batch": 1, "method": "grpo", "status": "ok", "time_s": 2.0, "peak_mib": 100.0},
+        {"length": 8, "batch": 1, "method": "trace", "status": "ok", "time_s": 3.0, "peak_mib": 150.0},
+        {"length": 16, "batch": 1, "method": "grpo", "status": "ok", "time_s": 4.0, "peak_mib": 200.0},
+        {"length": 16, "batch": 1, "method": "dense", "status": "OOM-risk"},
+        {"length": 16, "batch": 1, "method": "trace", "status": "ok", "time_s": 6.0, "peak_mib": 100.0},
+    ]
+    step_benchmark.add_ratios(results)
+    assert [r["time_ratio"] for r in results] == [1.0, 1.5, 1.0, None, 1.5]
+    assert [r["memory_ratio"] for r in results] == [1.0, 1.5, 1.0, None, 0.5]
+    assert all(r["cpu_ratio"] is None for r in results)  # no CPU times given
+    assert "| 16 | 1 | dense | OOM-risk |" in step_benchmark.format_table(results)
+
+
+def test_oom_risk_configurations_are_skipped_not_run(step_benchmark):
+    spec = {"batch": 1, "length": 4096, "kl_chunk_size": 1024}
+    dense = step_benchmark.estimated_peak_gib("dense", spec, 151936)
+    assert dense > step_benchmark.estimated_peak_gib("trace", spec, 151936)
+    assert dense == pytest.approx(step_benchmark.DENSE_PEAK_COPIES * 4096 * 151936 * 4 / 2**30)
