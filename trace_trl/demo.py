@@ -121,10 +121,12 @@ def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], max_new_token
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="trace-trl demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="trace-demo-output", help="where the model, logs and checkpoints go")
-    parser.add_argument("--steps", type=int, default=20, help="TRACE optimizer steps")
-    parser.add_argument("--sft-steps", type=int, default=120, help="warm-start steps before TRACE")
-    parser.add_argument("--kl-warmup-steps", type=int, default=6)
-    parser.add_argument("--kl-decay-steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=100, help="TRACE optimizer steps")
+    parser.add_argument("--sft-steps", type=int, default=200, help="warm-start steps before TRACE")
+    parser.add_argument("--kl-warmup-steps", type=int, default=20)
+    parser.add_argument("--kl-decay-steps", type=int, default=40)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--prompts-per-step", type=int, default=4, help="problems per step (8 rollouts each)")
     parser.add_argument("--teacher-kind", default="live", choices=["live", "base", "ema"])
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -173,8 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bf16=False,
         seed=args.seed,
         max_steps=args.steps,
-        learning_rate=2e-4,
-        per_device_train_batch_size=16,
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=8 * args.prompts_per_step,
         num_generations=8,
         max_completion_length=20,
         temperature=1.0,
@@ -225,9 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print("[4/4] what happened")
     print(f"  greedy accuracy on {len(test_problems)} held-out problems: {before:.1%} before -> {after:.1%} after")
-    if history:
+    if len(history) >= 20:
+        first, last = history[:10], history[-10:]
         print(
-            f"  mean reward: {history[0]['reward']:.3f} at step 1 -> {history[-1]['reward']:.3f} at step {history[-1]['step']}"
+            f"  mean rollout reward (sampled at temperature 1): {sum(r['reward'] for r in first) / 10:.3f} over the first"
+            f" 10 steps -> {sum(r['reward'] for r in last) / 10:.3f} over the last 10"
         )
     if routed:
         mean_routed = sum(r["trace/routed_token_frac"] for r in routed) / len(routed)
