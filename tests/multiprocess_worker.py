@@ -17,8 +17,13 @@ from pathlib import Path
 
 
 for key, value in {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(key, value)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +38,16 @@ from trace_trl.annotators import Annotation  # noqa: E402
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 BATCH_KEYS = (
-    "prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch",
-    "trace_route", "trace_labels", "teacher_input_ids", "teacher_attention_mask",
+    "prompt_ids",
+    "prompt_mask",
+    "completion_ids",
+    "completion_mask",
+    "advantages",
+    "num_items_in_batch",
+    "trace_route",
+    "trace_labels",
+    "teacher_input_ids",
+    "teacher_attention_mask",
 )
 
 
@@ -54,11 +67,19 @@ def build(model_dir: str, out_dir: str, peft: bool, **overrides) -> TRACETrainer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = trace_config(
         Path(out_dir),
-        max_steps=2, kl_warmup_steps=100, error_span_action="rkl", **overrides,
+        max_steps=2,
+        kl_warmup_steps=100,
+        error_span_action="rkl",
+        **overrides,
     )
     return TRACETrainer(
-        model=model_dir, reward_funcs=parity_reward, args=args, train_dataset=math_dataset(),
-        processing_class=tokenizer, annotator=RankZeroAnnotator(), peft_config=lora_config() if peft else None,
+        model=model_dir,
+        reward_funcs=parity_reward,
+        args=args,
+        train_dataset=math_dataset(),
+        processing_class=tokenizer,
+        annotator=RankZeroAnnotator(),
+        peft_config=lora_config() if peft else None,
     )
 
 

@@ -3,6 +3,7 @@ key reaches no file of the run, and a bound SelfAnnotator drives routing."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -19,8 +20,12 @@ CANARY = "sk-test-CANARY-e41d0c9b77"
 
 def _train(model_dir, tokenizer, tmp_path, annotator, **overrides):
     trainer = TRACETrainer(
-        model=model_dir, reward_funcs=parity_reward, args=trace_config(tmp_path, max_steps=2, **overrides),
-        train_dataset=math_dataset(), processing_class=tokenizer, annotator=annotator,
+        model=model_dir,
+        reward_funcs=parity_reward,
+        args=trace_config(tmp_path, max_steps=2, **overrides),
+        train_dataset=math_dataset(),
+        processing_class=tokenizer,
+        annotator=annotator,
     )
     trainer.train()
     return trainer
@@ -37,7 +42,13 @@ def _annotator(server, **kwargs):
 
 @pytest.mark.parametrize(
     ("behaviour", "expect"),
-    [("malformed", "failures"), ("500", "failures"), ("hang", "failures"), ("close", "failures"), ("missing", "dropped")],
+    [
+        ("malformed", "failures"),
+        ("500", "failures"),
+        ("hang", "failures"),
+        ("close", "failures"),
+        ("missing", "dropped"),
+    ],
 )
 def test_a_faulty_annotation_server_never_stops_training(tiny_model_dir, tiny_tokenizer, tmp_path, behaviour, expect):
     with FakeOpenAIServer(default=behaviour, hang_s=3.0) as server:
@@ -88,8 +99,7 @@ class _ScriptedSelfAnnotator(SelfAnnotator):
         for messages in prompts:
             rollout = extract_rollout(messages[-1]["content"]) or ""
             verdict = "key" if "Verdict: CORRECT" in messages[-1]["content"] else "error"
-            quote = rollout[:8].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-            replies.append('{"spans": [{"quote": "%s", "kind": "%s"}], "diagnosis": null}' % (quote, verdict))
+            replies.append(json.dumps({"spans": [{"quote": rollout[:8], "kind": verdict}], "diagnosis": None}))
         return replies
 
 

@@ -15,8 +15,12 @@ from trace_trl.teacher import EMA_ADAPTER_NAME, TEACHER_STATE_FILE, Teacher
 def _make(tiny_model_dir, tiny_tokenizer, tmp_path, peft=False, **overrides):
     overrides.setdefault("teacher_kind", "ema")
     return TRACETrainer(
-        model=tiny_model_dir, reward_funcs=parity_reward, args=trace_config(tmp_path, **overrides),
-        train_dataset=math_dataset(), processing_class=tiny_tokenizer, annotator=HalfSpanAnnotator(),
+        model=tiny_model_dir,
+        reward_funcs=parity_reward,
+        args=trace_config(tmp_path, **overrides),
+        train_dataset=math_dataset(),
+        processing_class=tiny_tokenizer,
+        annotator=HalfSpanAnnotator(),
         peft_config=lora_config() if peft else None,
     )
 
@@ -110,9 +114,7 @@ def test_lora_ema_adapter_is_frozen_outside_the_optimizer_and_moves_only_by_ema(
                     "ema_in_optimizer": any(id(p) in ids for p in ema.values()),
                     "ema_trainable": any(p.requires_grad for p in ema.values()),
                     "ema_grad": any(p.grad is not None for p in ema.values()),
-                    "student_trainable": all(
-                        p.requires_grad for n, p in model.named_parameters() if ".default." in n
-                    ),
+                    "student_trainable": all(p.requires_grad for n, p in model.named_parameters() if ".default." in n),
                     "ema_before_step": {n: p.detach().clone() for n, p in ema.items()},
                 }
             )
@@ -215,6 +217,10 @@ def test_frozen_peft_model_is_a_clear_error(tiny_model_dir, tiny_tokenizer, tmp_
     frozen.requires_grad_(False)  # e.g. PeftModel.from_pretrained(...) without is_trainable=True
     with pytest.raises(ValueError, match="no trainable parameter.*is_trainable=True"):
         TRACETrainer(
-            model=frozen, reward_funcs=parity_reward, args=trace_config(tmp_path, teacher_kind="ema"),
-            train_dataset=math_dataset(), processing_class=tiny_tokenizer, annotator=HalfSpanAnnotator(),
+            model=frozen,
+            reward_funcs=parity_reward,
+            args=trace_config(tmp_path, teacher_kind="ema"),
+            train_dataset=math_dataset(),
+            processing_class=tiny_tokenizer,
+            annotator=HalfSpanAnnotator(),
         )

@@ -38,8 +38,14 @@ def qwen_model_dir(tmp_path_factory):
 
 def _gpu_config(tmp_path, **overrides):
     defaults = dict(
-        use_cpu=False, bf16=True, per_device_train_batch_size=8, num_generations=4, max_completion_length=128,
-        max_steps=2, gradient_checkpointing=True, learning_rate=1e-2,
+        use_cpu=False,
+        bf16=True,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=128,
+        max_steps=2,
+        gradient_checkpointing=True,
+        learning_rate=1e-2,
     )
     defaults.update(overrides)
     return trace_config(tmp_path, **defaults)
@@ -51,7 +57,8 @@ class FirstTokensAnnotator:
     def __call__(self, requests):
         return [
             Annotation(spans=(Span(0, min(8, len(r.completion)), "key" if r.is_correct else "error"),))
-            if r.completion else Annotation()
+            if r.completion
+            else Annotation()
             for r in requests
         ]
 
@@ -62,9 +69,13 @@ def test_bf16_trace_steps_on_cuda(qwen_model_dir, tmp_path, teacher_kind, peft):
     from transformers import AutoTokenizer
 
     trainer = TRACETrainer(
-        model=qwen_model_dir, reward_funcs=parity_reward, args=_gpu_config(tmp_path, teacher_kind=teacher_kind),
-        train_dataset=math_dataset(16), processing_class=AutoTokenizer.from_pretrained(qwen_model_dir),
-        annotator=FirstTokensAnnotator(), peft_config=lora_config() if peft else None,
+        model=qwen_model_dir,
+        reward_funcs=parity_reward,
+        args=_gpu_config(tmp_path, teacher_kind=teacher_kind),
+        train_dataset=math_dataset(16),
+        processing_class=AutoTokenizer.from_pretrained(qwen_model_dir),
+        annotator=FirstTokensAnnotator(),
+        peft_config=lora_config() if peft else None,
     )
     assert trainer.accelerator.device.type == "cuda"
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -80,8 +91,12 @@ def _peak_memory(model_dir, tmp_path, annotator, **overrides) -> int:
     from transformers import AutoTokenizer
 
     trainer = TRACETrainer(
-        model=model_dir, reward_funcs=parity_reward, args=_gpu_config(tmp_path, max_completion_length=256, **overrides),
-        train_dataset=math_dataset(16), processing_class=AutoTokenizer.from_pretrained(model_dir), annotator=annotator,
+        model=model_dir,
+        reward_funcs=parity_reward,
+        args=_gpu_config(tmp_path, max_completion_length=256, **overrides),
+        train_dataset=math_dataset(16),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        annotator=annotator,
         peft_config=lora_config(),
     )
     torch.cuda.synchronize()
@@ -98,7 +113,11 @@ def _peak_memory(model_dir, tmp_path, annotator, **overrides) -> int:
 def test_trace_peak_memory_is_well_below_dense_self_distillation(qwen_model_dir, tmp_path):
     trace = _peak_memory(qwen_model_dir, tmp_path / "trace", FirstTokensAnnotator(), teacher_kind="base")
     dense = _peak_memory(
-        qwen_model_dir, tmp_path / "dense", AllTokensAnnotator(), teacher_kind="base", kl_decay="none",
+        qwen_model_dir,
+        tmp_path / "dense",
+        AllTokensAnnotator(),
+        teacher_kind="base",
+        kl_decay="none",
     )
     print(f"peak GPU memory: TRACE {trace / 2**20:.0f} MiB, dense self-distillation {dense / 2**20:.0f} MiB")
     assert trace < 0.9 * dense

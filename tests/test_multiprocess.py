@@ -28,14 +28,33 @@ def _launch(model_dir: str, out_dir: str, peft: bool) -> None:
     procs = []
     for rank in range(2):
         env = {
-            **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE]),
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE]),
         }
         log = open(os.path.join(out_dir, f"log{rank}.txt"), "w")
-        procs.append((subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), model_dir, out_dir, "1" if peft else "0"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        ), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        os.path.join(HERE, "multiprocess_worker.py"),
+                        model_dir,
+                        out_dir,
+                        "1" if peft else "0",
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     try:
         for proc, _ in procs:
             proc.wait(timeout=TIMEOUT_S)
@@ -132,15 +151,19 @@ def test_two_processes_one_without_routed_tokens_match_one_process(tiny_model_di
 @pytest.mark.parametrize(("zero3", "fsdp"), [(True, False), (False, True)])
 def test_full_finetuning_under_sharding_is_refused_and_lora_warns(tiny_model_dir, caplog, zero3, fsdp):
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
     from trainer_helpers import lora_config
+    from transformers import AutoModelForCausalLM
 
     from trace_trl.trainer import _check_sharded_training
 
     def fake_trainer(model):
         plugin = types.SimpleNamespace(zero_stage=3 if zero3 else 2)
-        accelerator = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin), unwrap_model=lambda m: m)
-        return types.SimpleNamespace(is_deepspeed_enabled=zero3, is_fsdp_enabled=fsdp, accelerator=accelerator, model=model)
+        accelerator = types.SimpleNamespace(
+            state=types.SimpleNamespace(deepspeed_plugin=plugin), unwrap_model=lambda m: m
+        )
+        return types.SimpleNamespace(
+            is_deepspeed_enabled=zero3, is_fsdp_enabled=fsdp, accelerator=accelerator, model=model
+        )
 
     args = types.SimpleNamespace(kl_coef=1.0)
     full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

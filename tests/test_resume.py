@@ -19,13 +19,23 @@ from trace_trl import TRACETrainer
 
 def _make(model_dir, tokenizer, output_dir, peft, **overrides):
     args = trace_config(
-        output_dir, save_strategy="steps", save_steps=2, max_steps=4, kl_warmup_steps=1, kl_decay_steps=4,
+        output_dir,
+        save_strategy="steps",
+        save_steps=2,
+        max_steps=4,
+        kl_warmup_steps=1,
+        kl_decay_steps=4,
         **overrides,
     )
     args.output_dir = str(output_dir)
     return TRACETrainer(
-        model=model_dir, reward_funcs=parity_reward, args=args, train_dataset=math_dataset(),
-        processing_class=tokenizer, annotator=HalfSpanAnnotator(), peft_config=lora_config() if peft else None,
+        model=model_dir,
+        reward_funcs=parity_reward,
+        args=args,
+        train_dataset=math_dataset(),
+        processing_class=tokenizer,
+        annotator=HalfSpanAnnotator(),
+        peft_config=lora_config() if peft else None,
     )
 
 
@@ -40,7 +50,9 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
     [(False, "ema"), (True, "ema")],
     ids=["full-ema", "lora-ema"],
 )
-def test_stop_and_resume_ends_with_the_uninterrupted_weights(tiny_model_dir, tiny_tokenizer, tmp_path, peft, teacher_kind):
+def test_stop_and_resume_ends_with_the_uninterrupted_weights(
+    tiny_model_dir, tiny_tokenizer, tmp_path, peft, teacher_kind
+):
     uninterrupted = _make(tiny_model_dir, tiny_tokenizer, tmp_path / "full", peft, teacher_kind=teacher_kind)
     uninterrupted.train()
     expected = _weights(uninterrupted)
@@ -54,7 +66,9 @@ def test_stop_and_resume_ends_with_the_uninterrupted_weights(tiny_model_dir, tin
     actual = _weights(resumed)
     assert actual.keys() == expected.keys()
     for name in expected:
-        assert torch.equal(actual[name], expected[name]), f"{name}: resumed weights differ by {(actual[name] - expected[name]).abs().max():.3g}"
+        assert torch.equal(actual[name], expected[name]), (
+            f"{name}: resumed weights differ by {(actual[name] - expected[name]).abs().max():.3g}"
+        )
     teacher = resumed.teacher.state_dict(resumed.accelerator.unwrap_model(resumed.model))
     for name in expected_teacher:
         torch.testing.assert_close(teacher[name], expected_teacher[name], rtol=0, atol=1e-6, msg=name)
@@ -65,8 +79,15 @@ def test_stop_and_resume_ends_with_the_uninterrupted_weights(tiny_model_dir, tin
 
 @pytest.mark.parametrize(
     ("ga", "spg", "iterations", "save_steps", "warns"),
-    [(1, 1, 1, 3, False), (2, 2, 1, 1, False), (1, 2, 1, 3, True), (1, 2, 1, 2, False), (2, 2, 2, 1, True),
-     (2, 2, 2, 2, False), (4, 2, 1, 1, False)],
+    [
+        (1, 1, 1, 3, False),
+        (2, 2, 1, 1, False),
+        (1, 2, 1, 3, True),
+        (1, 2, 1, 2, False),
+        (2, 2, 2, 1, True),
+        (2, 2, 2, 2, False),
+        (4, 2, 1, 1, False),
+    ],
 )
 def test_checkpoint_inside_a_generation_window_warns(tmp_path, caplog, ga, spg, iterations, save_steps, warns):
     """GRPO regenerates after a resume: a checkpoint in the middle of a generation window cannot resume exactly."""
@@ -75,8 +96,13 @@ def test_checkpoint_inside_a_generation_window_warns(tmp_path, caplog, ga, spg, 
     from trace_trl.trainer import _warn_if_resume_is_inexact
 
     args = trace_config(
-        tmp_path, gradient_accumulation_steps=ga, steps_per_generation=spg, num_iterations=iterations,
-        save_strategy="steps", save_steps=save_steps, per_device_train_batch_size=4 * spg // ga if spg > ga else 4,
+        tmp_path,
+        gradient_accumulation_steps=ga,
+        steps_per_generation=spg,
+        num_iterations=iterations,
+        save_strategy="steps",
+        save_steps=save_steps,
+        per_device_train_batch_size=4 * spg // ga if spg > ga else 4,
     )
     with caplog.at_level(logging.WARNING, logger="trace_trl.trainer"):
         _warn_if_resume_is_inexact(args)

@@ -43,9 +43,11 @@ class FakeLLM:
         self.events: list[str] = []
         self.loaded: dict[str, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(seed)
-        executor = types.SimpleNamespace(driver_worker=types.SimpleNamespace(
-            model_runner=types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self._load_weights))
-        ))
+        executor = types.SimpleNamespace(
+            driver_worker=types.SimpleNamespace(
+                model_runner=types.SimpleNamespace(model=types.SimpleNamespace(load_weights=self._load_weights))
+            )
+        )
         self.llm_engine = types.SimpleNamespace(model_executor=executor)
         FakeLLM.instances.append(self)
 
@@ -125,8 +127,13 @@ def _make(tiny_model_dir, tiny_tokenizer, tmp_path, peft, reward=parity_reward, 
         tmp_path, use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_correction=True, **overrides
     )
     return TRACETrainer(
-        model=tiny_model_dir, reward_funcs=reward, args=args, train_dataset=math_dataset(),
-        processing_class=tiny_tokenizer, annotator=HalfSpanAnnotator(), peft_config=lora_config() if peft else None,
+        model=tiny_model_dir,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=math_dataset(),
+        processing_class=tiny_tokenizer,
+        annotator=HalfSpanAnnotator(),
+        peft_config=lora_config() if peft else None,
     )
 
 
@@ -146,10 +153,16 @@ def _merged_default_weights(model) -> dict[str, torch.Tensor]:
     [(False, "live", False), (False, "ema", True), (True, "ema", True), (True, "base", False)],
     ids=["full-live-awake", "full-ema-sleep", "lora-ema-sleep", "lora-base-awake"],
 )
-def test_colocate_path_trains_with_every_teacher(fake_vllm, tiny_model_dir, tiny_tokenizer, tmp_path, peft,
-                                                 teacher_kind, sleep):
+def test_colocate_path_trains_with_every_teacher(
+    fake_vllm, tiny_model_dir, tiny_tokenizer, tmp_path, peft, teacher_kind, sleep
+):
     trainer = _make(
-        tiny_model_dir, tiny_tokenizer, tmp_path, peft, teacher_kind=teacher_kind, vllm_enable_sleep_mode=sleep,
+        tiny_model_dir,
+        tiny_tokenizer,
+        tmp_path,
+        peft,
+        teacher_kind=teacher_kind,
+        vllm_enable_sleep_mode=sleep,
         max_steps=2,
     )
     assert isinstance(trainer.vllm_generation.llm, FakeLLM)
@@ -159,11 +172,13 @@ def test_colocate_path_trains_with_every_teacher(fake_vllm, tiny_model_dir, tiny
 
     def watched(model, inputs):
         policy = trainer.accelerator.unwrap_model(model)
-        states.append({
-            "engine_asleep": engine.weights_asleep,
-            "has_is_ratio": "importance_sampling_ratio" in inputs,
-            "active": getattr(policy, "active_adapter", None),
-        })
+        states.append(
+            {
+                "engine_asleep": engine.weights_asleep,
+                "has_is_ratio": "importance_sampling_ratio" in inputs,
+                "active": getattr(policy, "active_adapter", None),
+            }
+        )
         return original(model, inputs)
 
     trainer._compute_loss = watched
@@ -188,7 +203,9 @@ def test_colocate_path_trains_with_every_teacher(fake_vllm, tiny_model_dir, tiny
             torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_importance_sampling_ratio_multiplies_only_the_grpo_channel(fake_vllm, tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_importance_sampling_ratio_multiplies_only_the_grpo_channel(
+    fake_vllm, tiny_model_dir, tiny_tokenizer, tmp_path
+):
     """With zero advantages the GRPO channel is zero, so the loss is the KL channel alone: it must not see the ratio."""
     trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, False, reward=constant_reward, teacher_kind="base")
     trainer.model.train()

@@ -91,17 +91,7 @@ def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
             backend.add_special_tokens([token])
         else:
             backend.add_tokens([token])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        unk_token=None,
-        padding_side="left",
-        chat_template=QWEN3_STYLE_CHAT_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-        model_max_length=131072,
-    )
+    tokenizer = _qwen_style_tokenizer(backend, model_max_length=131072)
     for token_id, content, _ in QWEN3_ADDED_TOKENS:
         actual = tokenizer.convert_tokens_to_ids(content)
         if actual != token_id:
@@ -128,6 +118,11 @@ def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTra
     )
     backend.train_from_iterator(list(corpus), trainer=trainer)
     backend.add_tokens(["<think>", "</think>"])
+    return _qwen_style_tokenizer(backend, model_max_length=2048)
+
+
+def _qwen_style_tokenizer(backend, model_max_length: int) -> PreTrainedTokenizerFast:
+    """Qwen's conventions: generation stops on <|im_end|>, <|endoftext|> pads on the left (as GRPO wants), no BOS."""
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
@@ -137,7 +132,7 @@ def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTra
         padding_side="left",
         chat_template=QWEN3_STYLE_CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
-        model_max_length=2048,
+        model_max_length=model_max_length,
     )
 
 

@@ -622,9 +622,10 @@ def _check_sharded_training(trainer: TRACETrainer, args: TRACEConfig) -> None:
     """
     if args.kl_coef == 0:
         return
-    zero3 = bool(trainer.is_deepspeed_enabled) and getattr(
-        trainer.accelerator.state.deepspeed_plugin, "zero_stage", None
-    ) == 3
+    zero3 = (
+        bool(trainer.is_deepspeed_enabled)
+        and getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", None) == 3
+    )
     fsdp = bool(trainer.is_fsdp_enabled)
     if not (zero3 or fsdp):
         return
@@ -652,7 +653,10 @@ def _warn_if_resume_is_inexact(args: TRACEConfig) -> None:
             "resume, so resuming from such a checkpoint trains on new rollouts and does not reproduce the "
             "uninterrupted run. For exact resume, make save_steps x gradient_accumulation_steps a multiple of "
             "steps_per_generation x num_iterations.",
-            int(args.save_steps), args.steps_per_generation, args.num_iterations, args.gradient_accumulation_steps,
+            int(args.save_steps),
+            args.steps_per_generation,
+            args.num_iterations,
+            args.gradient_accumulation_steps,
         )
 
 
