@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from trainer_helpers import (
+    TRAINING_ARGS,
     HalfSpanAnnotator,
     constant_reward,
     lora_config,
@@ -19,22 +20,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trace_trl import TRACETrainer
 
 
-SHARED = dict(
-    use_cpu=True,
-    bf16=False,
-    per_device_train_batch_size=4,
-    num_generations=4,
-    gradient_accumulation_steps=2,
-    steps_per_generation=2,
-    max_completion_length=10,
-    max_steps=3,
-    learning_rate=1e-2,
-    logging_steps=1,
-    report_to="none",
-    save_strategy="no",
-    seed=0,
-    gradient_checkpointing=False,
-)
+SHARED = {**TRAINING_ARGS, "gradient_accumulation_steps": 2, "steps_per_generation": 2, "max_steps": 3}
 
 
 def _grpo_params(model_dir, tokenizer, tmp_path, peft):

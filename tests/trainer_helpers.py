@@ -57,27 +57,28 @@ def no_spans_annotator(requests):
     return [Annotation() for _ in requests]
 
 
+# Training arguments GRPO and TRACE share in the tests: CPU, fp32, tiny batches, a learning rate that visibly moves
+# a tiny model, no checkpoints, no reporting.
+TRAINING_ARGS = dict(
+    use_cpu=True,
+    bf16=False,
+    per_device_train_batch_size=4,
+    num_generations=4,
+    gradient_accumulation_steps=1,
+    max_completion_length=10,
+    max_steps=2,
+    learning_rate=1e-2,
+    logging_steps=1,
+    report_to="none",
+    save_strategy="no",
+    seed=0,
+    gradient_checkpointing=False,
+)
+
+
 def trace_config(tmp_path, **overrides) -> TRACEConfig:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        gradient_accumulation_steps=1,
-        max_completion_length=10,
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        gradient_checkpointing=False,
-        kl_warmup_steps=100,
-        kl_decay_steps=0,
-    )
-    defaults.update(overrides)
-    return TRACEConfig(**defaults)
+    defaults = dict(output_dir=str(tmp_path / "out"), **TRAINING_ARGS, kl_warmup_steps=100, kl_decay_steps=0)
+    return TRACEConfig(**{**defaults, **overrides})
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
