@@ -333,7 +333,6 @@ def dense_self_distillation_loss(trainer, model, inputs: dict[str, torch.Tensor]
     The same math as TRACE's KL channel (`token_divergence(..., "fkl")`, the trainer's temperature, GRPO's normalizer)
     written the way it usually is: ordinary forwards, full logits, no chunking.
     """
-    from trace_trl.losses import normalize_like_grpo
 
     length = inputs["completion_ids"].size(1)
     mask = inputs["completion_mask"]
@@ -357,17 +356,7 @@ def dense_self_distillation_loss(trainer, model, inputs: dict[str, torch.Tensor]
     log_p_s = F.log_softmax(student_logits.float(), dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float(), dim=-1)
     per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # KL(p_teacher || p_student), [B, T]
-    return normalize_like_grpo(
-        per_token,
-        mask,
-        loss_type=trainer.loss_type,
-        gradient_accumulation_steps=trainer.current_gradient_accumulation_steps,
-        max_completion_length=trainer.max_completion_length,
-        num_items_in_batch=inputs.get("num_items_in_batch"),
-        num_processes=trainer.accelerator.num_processes,
-        steps_per_generation=trainer.args.steps_per_generation,
-        training=True,
-    )
+    return trainer.normalize_like_grpo(per_token, mask, inputs)
 
 
 def loss_function(method: str, trainer) -> Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]:

@@ -29,7 +29,7 @@ for key, value in {
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from trainer_helpers import HalfSpanAnnotator, lora_config, math_dataset, parity_reward, trace_config  # noqa: E402
+from trainer_helpers import HalfSpanAnnotator, make_trainer, math_dataset, trace_config  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from trace_trl import TRACETrainer  # noqa: E402
@@ -72,15 +72,7 @@ def build(model_dir: str, out_dir: str, peft: bool, **overrides) -> TRACETrainer
         error_span_action="rkl",
         **overrides,
     )
-    return TRACETrainer(
-        model=model_dir,
-        reward_funcs=parity_reward,
-        args=args,
-        train_dataset=math_dataset(),
-        processing_class=tokenizer,
-        annotator=RankZeroAnnotator(),
-        peft_config=lora_config() if peft else None,
-    )
+    return make_trainer(model_dir, tokenizer, args, RankZeroAnnotator(), peft=peft)
 
 
 def main(model_dir: str, out_dir: str, peft: bool) -> None:

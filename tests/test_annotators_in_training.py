@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 from fake_openai_server import FakeOpenAIServer
-from trainer_helpers import math_dataset, parity_reward, trace_config
+from trainer_helpers import make_trainer, trace_config
 
-from trace_trl import TRACETrainer
 from trace_trl.annotators import OpenAIAnnotator, SelfAnnotator
 
 
@@ -19,14 +18,7 @@ CANARY = "sk-test-CANARY-e41d0c9b77"
 
 
 def _train(model_dir, tokenizer, tmp_path, annotator, **overrides):
-    trainer = TRACETrainer(
-        model=model_dir,
-        reward_funcs=parity_reward,
-        args=trace_config(tmp_path, max_steps=2, **overrides),
-        train_dataset=math_dataset(),
-        processing_class=tokenizer,
-        annotator=annotator,
-    )
+    trainer = make_trainer(model_dir, tokenizer, trace_config(tmp_path, max_steps=2, **overrides), annotator)
     trainer.train()
     return trainer
 

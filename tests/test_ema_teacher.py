@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from trainer_helpers import HalfSpanAnnotator, lora_config, math_dataset, parity_reward, trace_config
+from trainer_helpers import HalfSpanAnnotator, lora_config, make_trainer, math_dataset, parity_reward, trace_config
 
 from trace_trl import TRACETrainer
 from trace_trl.teacher import EMA_ADAPTER_NAME, TEACHER_STATE_FILE, Teacher
@@ -14,15 +14,7 @@ from trace_trl.teacher import EMA_ADAPTER_NAME, TEACHER_STATE_FILE, Teacher
 
 def _make(tiny_model_dir, tiny_tokenizer, tmp_path, peft=False, **overrides):
     overrides.setdefault("teacher_kind", "ema")
-    return TRACETrainer(
-        model=tiny_model_dir,
-        reward_funcs=parity_reward,
-        args=trace_config(tmp_path, **overrides),
-        train_dataset=math_dataset(),
-        processing_class=tiny_tokenizer,
-        annotator=HalfSpanAnnotator(),
-        peft_config=lora_config() if peft else None,
-    )
+    return make_trainer(tiny_model_dir, tiny_tokenizer, trace_config(tmp_path, **overrides), peft=peft)
 
 
 def _ema_params(model) -> dict[str, torch.Tensor]:

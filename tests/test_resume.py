@@ -12,9 +12,7 @@ import os
 
 import pytest
 import torch
-from trainer_helpers import HalfSpanAnnotator, lora_config, math_dataset, parity_reward, trace_config
-
-from trace_trl import TRACETrainer
+from trainer_helpers import make_trainer, trace_config
 
 
 def _make(model_dir, tokenizer, output_dir, peft, **overrides):
@@ -28,15 +26,7 @@ def _make(model_dir, tokenizer, output_dir, peft, **overrides):
         **overrides,
     )
     args.output_dir = str(output_dir)
-    return TRACETrainer(
-        model=model_dir,
-        reward_funcs=parity_reward,
-        args=args,
-        train_dataset=math_dataset(),
-        processing_class=tokenizer,
-        annotator=HalfSpanAnnotator(),
-        peft_config=lora_config() if peft else None,
-    )
+    return make_trainer(model_dir, tokenizer, args, peft=peft)
 
 
 def _weights(trainer) -> dict[str, torch.Tensor]:

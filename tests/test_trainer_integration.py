@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from trainer_helpers import HalfSpanAnnotator, lora_config, math_dataset, parity_reward, trace_config
+from trainer_helpers import HalfSpanAnnotator, make_trainer, math_dataset, parity_reward, trace_config
 
 from trace_trl import TRACETrainer
 from trace_trl.annotators import Annotation
@@ -18,15 +18,8 @@ CANARY = "CANARY-7f3e-privileged"
 
 
 def _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=None, dataset=None, peft=False, **overrides):
-    return TRACETrainer(
-        model=tiny_model_dir,
-        reward_funcs=parity_reward,
-        args=trace_config(tmp_path, **overrides),
-        train_dataset=dataset if dataset is not None else math_dataset(),
-        processing_class=tiny_tokenizer,
-        annotator=annotator if annotator is not None else HalfSpanAnnotator(),
-        peft_config=lora_config() if peft else None,
-    )
+    args = trace_config(tmp_path, **overrides)
+    return make_trainer(tiny_model_dir, tiny_tokenizer, args, annotator, dataset=dataset, peft=peft)
 
 
 @pytest.mark.parametrize("conversational", [True, False], ids=["chat", "plain"])

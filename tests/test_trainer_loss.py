@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_helpers import HalfSpanAnnotator, math_dataset, parity_reward, trace_config
+from trainer_helpers import make_trainer, math_dataset, trace_config
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
-
-from trace_trl import TRACETrainer
 
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
@@ -16,14 +14,7 @@ LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 
 def _trainer(model_dir, tokenizer, tmp_path, **overrides):
     args = trace_config(tmp_path, per_device_train_batch_size=8, num_generations=4, **overrides)
-    trainer = TRACETrainer(
-        model=model_dir,
-        reward_funcs=parity_reward,
-        args=args,
-        train_dataset=math_dataset(),
-        processing_class=tokenizer,
-        annotator=HalfSpanAnnotator(),
-    )
+    trainer = make_trainer(model_dir, tokenizer, args)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     return trainer

@@ -14,9 +14,14 @@ import types
 
 import pytest
 import torch
-from trainer_helpers import HalfSpanAnnotator, constant_reward, lora_config, math_dataset, parity_reward, trace_config
+from trainer_helpers import (
+    constant_reward,
+    make_trainer,
+    math_dataset,
+    parity_reward,
+    trace_config,
+)
 
-from trace_trl import TRACETrainer
 from trace_trl.teacher import EMA_ADAPTER_NAME
 
 
@@ -126,15 +131,7 @@ def _make(tiny_model_dir, tiny_tokenizer, tmp_path, peft, reward=parity_reward, 
     args = trace_config(
         tmp_path, use_vllm=True, vllm_mode="colocate", vllm_importance_sampling_correction=True, **overrides
     )
-    return TRACETrainer(
-        model=tiny_model_dir,
-        reward_funcs=reward,
-        args=args,
-        train_dataset=math_dataset(),
-        processing_class=tiny_tokenizer,
-        annotator=HalfSpanAnnotator(),
-        peft_config=lora_config() if peft else None,
-    )
+    return make_trainer(tiny_model_dir, tiny_tokenizer, args, peft=peft, reward=reward)
 
 
 def _merged_default_weights(model) -> dict[str, torch.Tensor]:

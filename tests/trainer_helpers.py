@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from datasets import Dataset
 
-from trace_trl import TRACEConfig
+from trace_trl import TRACEConfig, TRACETrainer
 from trace_trl.annotators import Annotation, AnnotationRequest
 from trace_trl.spans import Span
 
@@ -89,3 +89,16 @@ def lora_config():
     from peft import LoraConfig
 
     return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+
+def make_trainer(model_dir, tokenizer, args, annotator=None, *, dataset=None, peft=False, reward=None) -> TRACETrainer:
+    """A TRACETrainer on the math dataset, half-span annotations and the parity reward unless told otherwise."""
+    return TRACETrainer(
+        model=model_dir,
+        reward_funcs=reward or parity_reward,
+        args=args,
+        train_dataset=dataset if dataset is not None else math_dataset(),
+        processing_class=tokenizer,
+        annotator=annotator if annotator is not None else HalfSpanAnnotator(),
+        peft_config=lora_config() if peft else None,
+    )

@@ -473,7 +473,13 @@ class TRACETrainer(GRPOTrainer):
             )
             per_token = per_token.index_put((rows[selected], cols[selected]), divergence)
             sums += [divergence.detach().sum(), selected.sum().float()]
-        kl_loss = normalize_like_grpo(
+        kl_loss = self.normalize_like_grpo(per_token, mask, inputs)
+        self._log_loss_metrics(sums, routed, mask, inputs["trace_labels"], captured.get("entropy"), weight)
+        return loss + weight * kl_loss
+
+    def normalize_like_grpo(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        """Reduce a `[B, T]` per-token loss with this run's GRPO normalizer (`loss_type`, accumulation, processes)."""
+        return normalize_like_grpo(
             per_token,
             mask,
             loss_type=self.loss_type,
@@ -482,10 +488,8 @@ class TRACETrainer(GRPOTrainer):
             num_items_in_batch=inputs.get("num_items_in_batch"),
             num_processes=self.accelerator.num_processes,
             steps_per_generation=self.args.steps_per_generation,
-            training=training,
+            training=self.model.training,
         )
-        self._log_loss_metrics(sums, routed, mask, inputs["trace_labels"], captured.get("entropy"), weight)
-        return loss + weight * kl_loss
 
     def _teacher_hidden_states(
         self, unwrapped, inputs, rows: torch.Tensor, cols: torch.Tensor
