@@ -13,7 +13,8 @@ from .schedule import KL_DECAYS
 
 SPAN_ACTIONS: tuple[str, ...] = ("fkl", "rkl", "grpo")
 ROUTED_TOKEN_GRPO_MODES: tuple[str, ...] = ("exclusive", "additive", "complementary")
-TEACHER_KINDS: tuple[str, ...] = ("live", "base", "ema")
+TEACHER_KINDS: tuple[str, ...] = ("synced", "live", "base", "ema")
+KL_NORMALIZATIONS: tuple[str, ...] = ("sequence", "grpo")
 ANNOTATION_FAILURE_MODES: tuple[str, ...] = ("skip", "raise")
 
 # Rendered into the last user turn of the teacher's prompt; the completion tokens that follow are the student's.
@@ -40,23 +41,40 @@ class TRACEConfig(GRPOConfig):
     Parameters:
         > KL channel
 
-        kl_coef (`float`, *optional*, defaults to `1.0`):
-            Weight of the KL channel during the warm-up. `0.0` makes TRACE exactly GRPO.
-        kl_warmup_steps (`int`, *optional*, defaults to `50`):
-            Optimizer steps at full `kl_coef`.
-        kl_decay_steps (`int`, *optional*, defaults to `50`):
-            Optimizer steps over which the weight then falls to zero; afterwards training is plain GRPO.
+        kl_coef (`float`, *optional*, defaults to `0.5`):
+            Weight of the KL channel during the warm-up (the paper's 0.5). `0.0` makes TRACE exactly GRPO.
+        kl_warmup_steps (`int`, *optional*, defaults to `10`):
+            Optimizer steps at full `kl_coef` (the paper's 10).
+        kl_decay_steps (`int`, *optional*, defaults to `30`):
+            Optimizer steps over which the weight then falls to zero (the paper's 30); afterwards training is plain GRPO
+            and nothing of the KL channel runs (no annotation, no teacher forward, no teacher copy).
         kl_decay (`str`, *optional*, defaults to `"linear"`):
             Shape of the decay: `"linear"`, `"cosine"`, `"exponential"`, or `"none"` (constant weight forever, the
             all-token self-OPD baseline).
         key_span_action (`str`, *optional*, defaults to `"fkl"`):
             Loss on key-span tokens of correct rollouts: `"fkl"` = KL(teacher ‖ student), `"rkl"` = KL(student ‖
             teacher), `"grpo"` = ordinary GRPO (no routing).
-        error_span_action (`str`, *optional*, defaults to `"rkl"`):
-            Loss on error-span tokens of incorrect rollouts, same choices.
-        routed_token_grpo (`str`, *optional*, defaults to `"exclusive"`):
-            What GRPO does on routed tokens while the KL weight is above zero: `"exclusive"` (no GRPO there),
-            `"additive"` (full GRPO as well), `"complementary"` (GRPO weight `1 - kl_weight / kl_coef`).
+        error_span_action (`str`, *optional*, defaults to `"grpo"`):
+            Loss on error-span tokens of incorrect rollouts, same choices. The paper's two presets: TRACE-FKL (strong
+            bases) is `key_span_action="fkl", error_span_action="grpo"`; TRACE-RKL (weak bases) is
+            `key_span_action="grpo", error_span_action="rkl"`.
+        routed_token_grpo (`str`, *optional*, defaults to `"complementary"`):
+            What GRPO does on routed tokens while the KL weight is above zero: `"complementary"` (the paper: GRPO
+            weight `1 - kl_weight / kl_coef`, 0 in the warm-up), `"exclusive"` (no GRPO there), `"additive"` (full
+            GRPO as well).
+        kl_normalization (`str`, *optional*, defaults to `"sequence"`):
+            How the per-token divergences of a step are reduced. `"sequence"` (the paper): each rollout's routed
+            divergences are summed and divided by its number of completion tokens `|y|`, then averaged over all the
+            rollouts of the optimizer step (rollouts with nothing routed count), whatever the split into processes,
+            accumulation micro-batches and `steps_per_generation`. `"grpo"`: GRPO's own normalizer for `loss_type`.
+        kl_term_clip (`float` or `None`, *optional*, defaults to `0.05`):
+            Pointwise clip of the divergence (the paper's 0.05): every per-vocabulary term `a_v (log a_v - log b_v)`
+            becomes `min(term, kl_term_clip)` before the sum, so a clipped term carries no gradient. `None` turns
+            it off.
+        max_routed_fraction (`float` or `None`, *optional*, defaults to `0.25`):
+            Coverage cap (the paper's 25%): at most this fraction of each rollout's completion tokens is routed.
+            Spans are kept in the annotator's order, the one that crosses the cap cut at it. `None` turns it off
+            (the all-token baseline).
         kl_topk (`int` or `None`, *optional*, defaults to `None`):
             Compute the divergence on the teacher's top-k tokens plus one tail bucket instead of the full vocabulary.
         kl_temperature (`float` or `None`, *optional*, defaults to `None`):
@@ -65,9 +83,13 @@ class TRACEConfig(GRPOConfig):
 
         > Teacher
 
-        teacher_kind (`str`, *optional*, defaults to `"live"`):
+        teacher_kind (`str`, *optional*, defaults to `"synced"`):
+            `"synced"` (the paper): a frozen snapshot of the policy (with LoRA, of the adapter), re-copied every
+            `teacher_sync_steps` optimizer steps while the KL weight is above zero and freed once it reaches zero;
             `"live"`: the current policy under privileged context; `"base"`: the initial weights (with LoRA, the model
             with adapters disabled); `"ema"`: an exponential moving average of the weights (or of the LoRA adapter).
+        teacher_sync_steps (`int`, *optional*, defaults to `10`):
+            Optimizer steps between two re-copies of the `"synced"` teacher (the paper's 10).
         teacher_ema_rate (`float`, *optional*, defaults to `0.05`):
             EMA rate `r` in `teacher <- (1 - r) * teacher + r * student`, applied after every optimizer step.
         privileged_context_column (`str`, *optional*, defaults to `"solution"`):
@@ -93,15 +115,15 @@ class TRACEConfig(GRPOConfig):
     """
 
     kl_coef: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the KL channel during the warm-up. 0.0 makes TRACE exactly GRPO."},
+        default=0.5,
+        metadata={"help": "Weight of the KL channel during the warm-up (paper: 0.5). 0.0 makes TRACE exactly GRPO."},
     )
     kl_warmup_steps: int = field(
-        default=50,
-        metadata={"help": "Optimizer steps at full `kl_coef`."},
+        default=10,
+        metadata={"help": "Optimizer steps at full `kl_coef` (paper: 10)."},
     )
     kl_decay_steps: int = field(
-        default=50,
+        default=30,
         metadata={"help": "Optimizer steps over which the KL weight then falls to zero (plain GRPO afterwards)."},
     )
     kl_decay: str = field(
@@ -120,18 +142,41 @@ class TRACEConfig(GRPOConfig):
         },
     )
     error_span_action: str = field(
-        default="rkl",
+        default="grpo",
         metadata={
-            "help": "Loss on error-span tokens of incorrect rollouts: 'rkl', 'fkl' or 'grpo'.",
+            "help": "Loss on error-span tokens of incorrect rollouts: 'rkl', 'fkl' or 'grpo'. Paper presets: TRACE-FKL "
+            "= key 'fkl' + error 'grpo'; TRACE-RKL = key 'grpo' + error 'rkl'.",
             "choices": list(SPAN_ACTIONS),
         },
     )
     routed_token_grpo: str = field(
-        default="exclusive",
+        default="complementary",
         metadata={
-            "help": "GRPO on routed tokens while the KL weight is above zero: 'exclusive' (none), 'additive' (full), "
-            "'complementary' (weight 1 - kl_weight/kl_coef).",
+            "help": "GRPO on routed tokens while the KL weight is above zero: 'complementary' (paper: weight "
+            "1 - kl_weight/kl_coef), 'exclusive' (none), 'additive' (full).",
             "choices": list(ROUTED_TOKEN_GRPO_MODES),
+        },
+    )
+    kl_normalization: str = field(
+        default="sequence",
+        metadata={
+            "help": "Reduction of the KL channel: 'sequence' (paper: per rollout, sum of routed divergences / |y|, "
+            "averaged over the step's rollouts) or 'grpo' (GRPO's normalizer for `loss_type`).",
+            "choices": list(KL_NORMALIZATIONS),
+        },
+    )
+    kl_term_clip: float | None = field(
+        default=0.05,
+        metadata={
+            "help": "Pointwise clip (paper: 0.05) of every per-vocabulary term a_v*(log a_v - log b_v) of the "
+            "divergence, before the sum; a clipped term carries no gradient. None: off."
+        },
+    )
+    max_routed_fraction: float | None = field(
+        default=0.25,
+        metadata={
+            "help": "Coverage cap (paper: 0.25): most routed fraction of each rollout's completion tokens; spans are "
+            "kept in the annotator's order, the last one cut at the cap. None: off (all-token baseline)."
         },
     )
     kl_topk: int | None = field(
@@ -143,11 +188,16 @@ class TRACEConfig(GRPOConfig):
         metadata={"help": "Temperature of the KL channel's logits; None uses `temperature` (as GRPO does)."},
     )
     teacher_kind: str = field(
-        default="live",
+        default="synced",
         metadata={
-            "help": "Teacher weights: 'live' (current policy), 'base' (initial weights; LoRA: adapters off), 'ema'.",
+            "help": "Teacher weights: 'synced' (paper: frozen snapshot re-copied every `teacher_sync_steps`), 'live' "
+            "(current policy), 'base' (initial weights; LoRA: adapters off), 'ema'.",
             "choices": list(TEACHER_KINDS),
         },
+    )
+    teacher_sync_steps: int = field(
+        default=10,
+        metadata={"help": "Optimizer steps between two re-copies of the 'synced' teacher (paper: 10)."},
     )
     teacher_ema_rate: float = field(
         default=0.05,
@@ -196,6 +246,7 @@ class TRACEConfig(GRPOConfig):
         _check_choice("routed_token_grpo", self.routed_token_grpo, ROUTED_TOKEN_GRPO_MODES)
         _check_choice("teacher_kind", self.teacher_kind, TEACHER_KINDS)
         _check_choice("annotation_failure", self.annotation_failure, ANNOTATION_FAILURE_MODES)
+        _check_choice("kl_normalization", self.kl_normalization, KL_NORMALIZATIONS)
         if self.kl_coef < 0:
             raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}.")
         for name in ("kl_warmup_steps", "kl_decay_steps"):
@@ -210,6 +261,17 @@ class TRACEConfig(GRPOConfig):
         if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length < 1:
             raise ValueError(
                 f"`max_teacher_prompt_length` must be a positive integer or None, got {self.max_teacher_prompt_length}."
+            )
+        if self.teacher_sync_steps < 1:
+            raise ValueError(f"`teacher_sync_steps` must be >= 1, got {self.teacher_sync_steps}.")
+        if self.kl_term_clip is not None and not self.kl_term_clip > 0:
+            raise ValueError(
+                f"`kl_term_clip` must be > 0 or None (no clip), got {self.kl_term_clip}. The paper clips at 0.05."
+            )
+        if self.max_routed_fraction is not None and not 0.0 < self.max_routed_fraction <= 1.0:
+            raise ValueError(
+                f"`max_routed_fraction` must be in (0, 1] or None (no cap), got {self.max_routed_fraction}. The paper "
+                "caps at 0.25."
             )
         if self.kl_chunk_size < 1:
             raise ValueError(f"`kl_chunk_size` must be >= 1, got {self.kl_chunk_size}.")

@@ -71,6 +71,8 @@ class Teacher:
     def __init__(
         self, kind: str, policy: nn.Module, *, ema_rate: float = 0.05, reference_model: nn.Module | None = None
     ) -> None:
+        # Interim until the synced teacher lands (issue 8): behaves as the live teacher.
+        kind = "live" if kind == "synced" else kind
         self.kind = kind
         self.ema_rate = ema_rate
         self.is_peft = is_peft_model(policy)
