@@ -103,3 +103,9 @@ def test_malformed_annotator_answers_say_what_to_return(answer, needle):
 def test_a_generator_of_annotations_is_read_once():
     annotations, problem = _checked_answer((Annotation() for _ in range(3)), 3)
     assert problem is None and annotations == [Annotation()] * 3
+
+
+def test_span_is_importable_from_the_annotators_package():
+    from trace_trl.annotators import Span as AnnotatorsSpan
+
+    assert AnnotatorsSpan is Span

@@ -199,10 +199,11 @@ def test_constructor_errors_name_the_problem(tiny_model_dir, tiny_tokenizer, tmp
     )
 
 
-def test_missing_privileged_column_is_a_clear_error(tiny_model_dir, tiny_tokenizer, tmp_path):
-    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, dataset=math_dataset(solution=None))
+def test_missing_privileged_column_is_a_clear_error_at_init(tiny_model_dir, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="no column 'solution' .*Available columns: \\['answer', 'prompt'\\]"):
-        trainer.train()
+        _make(tiny_model_dir, tiny_tokenizer, tmp_path, dataset=math_dataset(solution=None))
+    # Plain GRPO needs no privileged context.
+    _make(tiny_model_dir, tiny_tokenizer, tmp_path, dataset=math_dataset(solution=None), kl_coef=0.0)
 
 
 def test_teacher_prompt_uses_the_students_chat_template_kwargs(tiny_model_dir, tiny_tokenizer, tmp_path):
@@ -343,3 +344,28 @@ def test_malformed_annotator_answer_raises_whatever_annotation_failure_says(tiny
     )
     with pytest.raises(TypeError, match=r"must return a list of exactly 4 .*Annotation\(\)"):
         trainer.train()
+
+
+def test_coverage_cap_routes_at_most_the_fraction_and_counts_what_it_removed(tiny_model_dir, tiny_tokenizer, tmp_path):
+    def batch(max_routed_fraction):
+        trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, max_routed_fraction=max_routed_fraction)
+        trainer.model.train()
+        torch.manual_seed(5)
+        out = trainer._generate_and_score_completions([math_dataset()[1]] * 4)
+        return out, trainer._metrics["train"]["trace/cap_removed_tokens"][-1]
+
+    capped, removed = batch(0.25)
+    uncapped, removed_none = batch(None)
+    assert torch.equal(capped["completion_ids"], uncapped["completion_ids"]), "same rollouts"
+    assert removed_none == 0
+    routed_capped = capped["trace_route"] != 0
+    routed_uncapped = uncapped["trace_route"] != 0
+    lengths = capped["completion_mask"].sum(1)
+    for row in range(4):
+        budget = int(0.25 * lengths[row].item())
+        assert routed_capped[row].sum() <= budget
+        # HalfSpanAnnotator marks the first half: the cap keeps the span's first `budget` tokens.
+        kept = torch.nonzero(routed_capped[row]).flatten().tolist()
+        assert kept == torch.nonzero(routed_uncapped[row]).flatten().tolist()[: len(kept)]
+    assert not (routed_capped & ~routed_uncapped).any(), "the cap only removes routed tokens"
+    assert removed == (routed_uncapped.sum() - routed_capped.sum()).item() > 0

@@ -224,7 +224,9 @@ class RoutedBatchBuilder:
                 continue
             ids = completion_ids_list[i]
             eligible = loss_mask_cpu[i, : len(ids)].tolist()
-            budget = routed_token_budget(sum(eligible), args.max_routed_fraction)
+            # The cap bounds routed tokens: spans of a kind this run leaves to GRPO are not capped (nor routed).
+            action = args.key_span_action if correct[i] else args.error_span_action
+            budget = None if action == "grpo" else routed_token_budget(sum(eligible), args.max_routed_fraction)
             row, removed = capped_token_labels(token_char_offsets(ids, self.tokenizer), spans, eligible, budget)
             cap_removed += removed
             labels[i, : len(row)] = torch.tensor(row, dtype=torch.long)

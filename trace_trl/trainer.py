@@ -110,22 +110,20 @@ class TRACETrainer(GRPOTrainer):
         annotator=None,
         **kwargs: Any,
     ):
+        no_args = args is None
         if args is None:
+            # Before building the default config: on a CPU-only machine its bf16 default fails first, hiding this advice.
+            _check_annotator(annotator, None, no_args=True)
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = TRACEConfig(output_dir=f"{model_name.split('/')[-1]}-TRACE")
         elif not isinstance(args, TRACEConfig):
-            hint = " Build it with TRACEConfig(**grpo_config.to_dict())." if isinstance(args, GRPOConfig) else ""
+            hint = (
+                " Convert it with `TRACEConfig.from_grpo_config(grpo_config, kl_coef=..., ...)`."
+                if isinstance(args, GRPOConfig)
+                else ""
+            )
             raise TypeError(f"TRACETrainer needs `args` to be a TRACEConfig, got {type(args).__name__}.{hint}")
-        if annotator is None and args.kl_coef > 0:
-            raise ValueError(
-                "TRACETrainer needs an `annotator` to mark the spans it distills on. Pass e.g. "
-                "`annotator=RegexAnnotator(...)`, `OpenAIAnnotator(...)` or `AllTokensAnnotator()` (all-token "
-                "self-distillation), or set `kl_coef=0` to train plain GRPO."
-            )
-        if annotator is not None and not callable(annotator):
-            raise TypeError(
-                f"`annotator` must be callable as annotator(requests) -> annotations; got {type(annotator).__name__}."
-            )
+        _check_annotator(annotator, args, no_args)
         super().__init__(
             model,
             reward_funcs,
@@ -149,6 +147,7 @@ class TRACETrainer(GRPOTrainer):
                 f"`correctness_reward_func={args.correctness_reward_func!r}` is not one of the reward functions "
                 f"{self.reward_func_names}."
             )
+        _check_privileged_column(train_dataset if train_dataset is not None else self.train_dataset, args)
         _check_sharded_training(self, args)
         _warn_if_resume_is_inexact(args)
         if self._is_vlm and args.kl_coef > 0:
@@ -496,13 +495,15 @@ def _full_head(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.T
 
 
 def _check_sharded_training(trainer: TRACETrainer, args: TRACEConfig) -> None:
-    """Refuse full fine-tuning under ZeRO-3 / FSDP with the KL channel on; warn that LoRA there is unverified.
+    """Refuse the KL channel under ZeRO-3 / FSDP until it runs inside the wrapped module's forward.
 
-    The KL channel reads `lm_head.weight` directly, outside the model's forward. For a frozen head (LoRA) that only
-    needs the weight gathered (the chunked kernel does it under ZeRO-3; FSDP2 DTensors are materialized in
-    `_compute_loss`). A trained head under ZeRO-3 / FSDP would also need its gradient reduced by the engine, which only
-    happens for losses computed inside the wrapped module's forward (TRL's `_ForwardRedirection`); TRACE does not do
-    that yet, so the head's KL gradient could be silently wrong.
+    The KL channel reads `lm_head.weight` directly, outside the model's forward, and the teacher forward calls the inner
+    decoder. Under ZeRO-3 / FSDP that breaks in two ways: a trained head (full fine-tuning) would not get its gradient
+    reduced by the engine, and processes that route different numbers of tokens would make different numbers of
+    weight-gathering collectives (the chunked divergence gathers per chunk; a process with nothing routed gathers
+    nothing), which can deadlock even with LoRA; under FSDP2 the teacher forward also skips the root module's
+    pre-forward that unshards the embeddings. Until TRACE computes the channel inside the wrapped forward (TRL's
+    `_ForwardRedirection`) with the same collectives on every process, both are refused with plain GRPO still allowed.
     """
     if args.kl_coef == 0:
         return
@@ -514,15 +515,56 @@ def _check_sharded_training(trainer: TRACETrainer, args: TRACEConfig) -> None:
     if not (zero3 or fsdp):
         return
     engine = "DeepSpeed ZeRO-3" if zero3 else "FSDP"
-    if not is_peft_model(trainer.accelerator.unwrap_model(trainer.model)):
-        raise NotImplementedError(
-            f"TRACE's KL channel with full fine-tuning under {engine} is not supported: the routed divergence reads "
-            "the LM head outside the model's forward, so the engine would not reduce the head's gradient. Use LoRA "
-            "(`peft_config=`), DDP or DeepSpeed ZeRO-1/2, or set `kl_coef=0` for plain GRPO. See docs/scaling.md."
-        )
-    logger.warning(
-        "TRACE with LoRA under %s has not been verified on real hardware (only DDP was); see docs/scaling.md.", engine
+    lora = is_peft_model(trainer.accelerator.unwrap_model(trainer.model))
+    reason = (
+        "processes that route different numbers of tokens would make different numbers of weight-gathering "
+        "collectives (a deadlock) and the teacher forward bypasses the root module's unsharding"
+        if lora
+        else "the routed divergence reads the LM head outside the model's forward, so the engine would not reduce "
+        "the head's gradient"
     )
+    raise NotImplementedError(
+        f"TRACE's KL channel under {engine} ({'LoRA' if lora else 'full fine-tuning'}) is not supported yet: {reason}. "
+        "Use DDP or DeepSpeed ZeRO-1/2 (e.g. examples/accelerate/zero2.yaml), or set `kl_coef=0` for plain GRPO. See "
+        "docs/scaling.md."
+    )
+
+
+def _check_privileged_column(dataset: Any, args: TRACEConfig) -> None:
+    """A missing privileged-context column is an error at init, not after the first rollouts are generated."""
+    columns = getattr(dataset, "column_names", None)
+    if args.kl_coef == 0 or not isinstance(columns, list) or args.privileged_context_column in columns:
+        return
+    raise ValueError(
+        f"The training dataset has no column {args.privileged_context_column!r} (`privileged_context_column`), which "
+        f"holds the privileged context the teacher sees. Available columns: {sorted(columns)}. Add the column or set "
+        "`privileged_context_column` to the right name."
+    )
+
+
+def _check_annotator(annotator: Any, args: TRACEConfig | None, no_args: bool) -> None:
+    """Errors that would otherwise come only after the model loads and a rollout is generated."""
+    if annotator is None:
+        if args is not None and args.kl_coef == 0:
+            return
+        grpo_hint = (
+            "pass `args=TRACEConfig(output_dir=..., kl_coef=0)` to train plain GRPO"
+            if no_args
+            else "set `kl_coef=0` in your TRACEConfig to train plain GRPO"
+        )
+        raise ValueError(
+            "TRACETrainer needs an `annotator` to mark the spans it distills on. Pass e.g. "
+            "`annotator=RegexAnnotator(key_patterns=[RegexAnnotator.BOXED])`, `OpenAIAnnotator(model=...)` or "
+            f"`AllTokensAnnotator()` (all-token self-distillation), or {grpo_hint}."
+        )
+    if isinstance(annotator, type):
+        raise TypeError(
+            f"`annotator` is the class {annotator.__name__}, not an instance: pass `annotator={annotator.__name__}(...)`."
+        )
+    if not callable(annotator):
+        raise TypeError(
+            f"`annotator` must be callable as annotator(requests) -> list[Annotation]; got {type(annotator).__name__}."
+        )
 
 
 def _warn_if_resume_is_inexact(args: TRACEConfig) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ..spans import Span
 from .base import Annotation, AnnotationRequest, Annotator, bind_annotator, prompt_to_text
 
 
@@ -17,7 +18,16 @@ _LAZY_ATTRIBUTES = {
     "SelfAnnotator": "trace_trl.annotators.self_annotator",
 }
 
-__all__ = ["Annotation", "AnnotationRequest", "Annotator", "bind_annotator", "prompt_to_text", *_LAZY_ATTRIBUTES]
+# `Span` too, so that a custom annotator needs one import: `from trace_trl.annotators import Annotation, Span`.
+__all__ = [
+    "Annotation",
+    "AnnotationRequest",
+    "Annotator",
+    "Span",
+    "bind_annotator",
+    "prompt_to_text",
+    *_LAZY_ATTRIBUTES,
+]
 
 if TYPE_CHECKING:
     from .heuristic import AllTokensAnnotator, RandomSpanAnnotator, RegexAnnotator  # noqa: F401
