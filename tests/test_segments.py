@@ -263,3 +263,17 @@ def test_segment_spans_become_tokens_through_token_labels(qwen_tokenizer):
     for start, end in chosen:
         assert text[start:end] in labelled_text
     assert "Let x be" not in labelled_text and "Done" not in labelled_text
+
+
+def test_recorded_answers_benchmark_parses_and_segments_are_shorter(qwen_tokenizer):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "annotation_output_tokens.py"
+    spec = importlib.util.spec_from_file_location("annotation_output_tokens", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = module.measure(qwen_tokenizer)  # checks every recorded answer of both protocols parses without drops
+    assert summary["records"] >= 20 and 0 < summary["correct_rollouts"] < summary["records"]
+    for subset in ("all", "correct", "incorrect"):
+        assert summary[subset]["segments"]["mean"] < summary[subset]["quotes"]["mean"]
