@@ -249,3 +249,58 @@ def test_span_text_and_positions_never_reach_the_teacher(server):
         if words:
             assert words in teacher_text
     assert "missed case analysis" in builder.render("Find x.", "x = 3.", describe_type_label("missed_case_analysis"))
+
+
+def test_segment_protocol_routes_tokens_in_a_real_trace_run(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    from trainer_helpers import make_trainer, trace_config
+
+    from trace_trl.context import TeacherContextBuilder as Builder
+
+    def first_segment(rollout, is_correct, body):
+        numbers = sorted(numbered_lines(rollout))
+        kind, label = ("key", "key_insight") if is_correct else ("error", "other")
+        return {"segments": [{"id": n, "kind": kind} for n in numbers[:1]], "type": label}
+
+    labels_seen = []
+    original_build = Builder.build
+
+    def spy(self, prompts, contexts, diagnoses):
+        labels_seen.extend(diagnoses)
+        return original_build(self, prompts, contexts, diagnoses)
+
+    monkeypatch.setattr(Builder, "build", spy)
+    with FakeOpenAIServer(answer=first_segment) as fake:
+        annotator = annotator_for(fake)
+        trainer = make_trainer(tiny_model_dir, tiny_tokenizer, trace_config(tmp_path, max_steps=2), annotator)
+        trainer.train()
+    logged = {key: [r[key] for r in trainer.state.log_history if key in r] for key in trainer.state.log_history[0]}
+    assert all(f == 0.0 for f in logged["trace/annotation_failures"])
+    assert annotator.metrics()["annotator/spans"] > 0 and annotator.metrics()["annotator/failures"] == 0
+    assert any(v > 0 for v in logged["trace/key_token_frac"] + logged["trace/error_token_frac"])
+    assert labels_seen and set(labels_seen) <= {"key_insight", "other", None}
+
+
+def test_annotate_command_uses_the_segment_protocol_by_default(server, tmp_path):
+    from trace_trl.inspection import annotate_main, read_jsonl
+
+    rollouts = tmp_path / "rollouts.jsonl"
+    rows = [{"prompt": "Find x.", "completion": CORRECT, "is_correct": True, "reference": "x = 3"}]
+    rows.append({"prompt": "Find x.", "completion": WRONG, "is_correct": False, "reference": "x = 3"})
+    rollouts.write_text("\n".join(json.dumps(row) for row in rows))
+    output = tmp_path / "annotations.jsonl"
+    argv = [str(rollouts), "-o", str(output), "--model", "fake", "--base-url", server.base_url, "--quiet"]
+    assert annotate_main(argv) == 0
+    good, bad = read_jsonl(output)
+    assert [span[2:] for span in good["spans"]] == [
+        ["key", CORRECT[slice(*_bounds(CORRECT, SPAN_CANARY))]],
+        ["key", CORRECT[slice(*_bounds(CORRECT, "Factor"))]],
+    ]
+    assert good["diagnosis"] == "case_analysis" and bad["diagnosis"] == "missed_case_analysis"
+    assert server.requests[0].body["messages"][0]["content"] == SEGMENT_SYSTEM_PROMPT
+    assert annotate_main([*argv, "-o", str(tmp_path / "q.jsonl"), "--span-format", "quotes"]) == 0
+    assert server.requests[-1].body["messages"][0]["content"] == SYSTEM_PROMPT
+
+
+def _bounds(text, needle):
+    span = segment_span(text, needle, "key")
+    return span.start, span.end
