@@ -237,6 +237,17 @@ def test_type_labels_from_the_wrong_taxonomy_are_dropped_and_counted(is_correct,
     assert stats.as_dict()["annotator/dropped_labels"] == dropped
 
 
+def test_the_answer_object_is_found_behind_prose_and_example_objects():
+    segments = split_segments(ROLLOUT)
+    answer = (
+        '<think>Maybe {"segments": [{"id": 1}]}? No.</think>I will use the form {"id": n}. Answer:\n'
+        '```json\n{"segments": [{"id": 3, "kind": "key"},], "type": "verification"}\n```'
+    )
+    annotation = parse_segment_annotation(answer, _request(), segments)
+    assert annotation.spans == (Span(segments[2].start, segments[2].end, "key"),)
+    assert annotation.diagnosis == "verification"
+
+
 def test_answers_without_a_segments_list_are_parse_errors():
     segments = split_segments(ROLLOUT)
     for answer in ("no json here", '{"spans": []}', '{"segments": 3, "type": null}'):

@@ -220,6 +220,7 @@ class AnnotatorStats:
 
 # --- the segment protocol ---------------------------------------------------------------------------------------------
 
+_SEGMENT_TRAILING_COMMA = re.compile(r",(\s*[}\]])")
 # A segment number as models write it: 3, "3", "[3]".
 _SEGMENT_NUMBER = re.compile(r"\s*\[?\s*(\d{1,9})\s*\]?\s*")
 
@@ -233,6 +234,34 @@ def _segment_number(value: Any) -> int | None:
         match = _SEGMENT_NUMBER.fullmatch(value)
         return int(match.group(1)) if match else None
     return None
+
+
+def _segment_payload(text: str) -> dict[str, Any]:
+    """The JSON object of a segment answer.
+
+    `extract_json` prefers objects with a quote-protocol key; when it returns another object (an example item in
+    prose, or one item of an answer with a trailing comma), the object that opens just before one of the first few
+    `"segments"` keys is decoded instead (bounded, so hostile text stays linear).
+    """
+    payload = extract_json(text)
+    if "segments" in payload:
+        return payload
+    text = (text or "").rpartition("</think>")[2]  # never an example from the reasoning
+    decoder = json.JSONDecoder()
+    key = text.find('"segments"')
+    for _attempt in range(3):
+        if key < 0:
+            break
+        start = text.rfind("{", 0, key)
+        if start >= 0:
+            try:
+                value, _ = decoder.raw_decode(_SEGMENT_TRAILING_COMMA.sub(r"\1", text[start:]))
+            except json.JSONDecodeError:
+                value = None
+            if isinstance(value, dict) and "segments" in value:
+                return value
+        key = text.find('"segments"', key + 1)
+    return payload
 
 
 def parse_segment_annotation(
@@ -255,7 +284,7 @@ def parse_segment_annotation(
     Raises:
         `AnnotationParseError`: when the answer holds no JSON object with a `segments` list.
     """
-    payload = extract_json(text)
+    payload = _segment_payload(text)
     items = payload.get("segments")
     if items is None:
         raise AnnotationParseError("the annotator's JSON has no 'segments' list")
