@@ -369,3 +369,33 @@ def test_coverage_cap_routes_at_most_the_fraction_and_counts_what_it_removed(tin
         assert kept == torch.nonzero(routed_uncapped[row]).flatten().tolist()[: len(kept)]
     assert not (routed_capped & ~routed_uncapped).any(), "the cap only removes routed tokens"
     assert removed == (routed_uncapped.sum() - routed_capped.sum()).item() > 0
+
+
+def test_type_labels_reach_the_teacher_in_words_only_from_the_rollouts_own_taxonomy(
+    tiny_model_dir, tiny_tokenizer, tmp_path
+):
+    """An error label on a correct rollout is dropped and counted; a valid one reaches the teacher prompt in words."""
+
+    def labelled(requests):
+        out = []
+        for r in requests:
+            kind = "key" if r.is_correct else "error"
+            out.append(Annotation(spans=(Span(0, max(1, len(r.completion)), kind),), diagnosis="arithmetic_error"))
+        return out
+
+    def first_half_correct(completions, **kwargs):
+        return [1.0 if i < len(completions) // 2 else 0.0 for i in range(len(completions))]
+
+    args = trace_config(tmp_path, error_span_action="rkl", max_routed_fraction=None)
+    trainer = make_trainer(tiny_model_dir, tiny_tokenizer, args, labelled, reward=first_half_correct)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([math_dataset()[0]] * 4)
+    width = batch["completion_ids"].size(1)
+    metrics = trainer._metrics["train"]
+    assert metrics["trace/correct_frac"][-1] == 0.5
+    assert metrics["trace/dropped_type_labels"][-1] == 2, "the error label of each correct rollout is dropped"
+    for row in range(4):
+        prompt = tiny_tokenizer.decode(batch["teacher_input_ids"][row, :-width], skip_special_tokens=True)
+        is_error_row = (batch["trace_labels"][row] == 2).any()
+        assert ("classified its decisive step as: arithmetic error." in prompt) == bool(is_error_row)
+        assert "arithmetic_error" not in prompt

@@ -21,12 +21,15 @@ ANNOTATION_FAILURE_MODES: tuple[str, ...] = ("skip", "raise")
 
 # Rendered into the last user turn of the teacher's prompt; the completion tokens that follow are the student's.
 # Variables: `problem` (the student's last user message), `privileged_context` (dataset column, may be empty) and
-# `diagnosis` (the annotator's coarse label, may be None). The span text itself is never shown to the teacher.
+# `diagnosis` (the annotator's coarse type label of the rollout in words, e.g. "missed case analysis", from the key-step
+# taxonomy for a correct rollout or the error taxonomy for an incorrect one; may be None). The span text and its
+# position are never shown to the teacher: only the problem, the reference solution and that label (the paper).
 DEFAULT_TEACHER_CONTEXT_TEMPLATE = (
     "{{ problem }}"
     "{% if privileged_context %}\n\nHere is a verified reference solution to this problem:\n"
     "{{ privileged_context }}{% endif %}"
-    "{% if diagnosis %}\n\nA reviewer's coarse diagnosis of the attempt that follows: {{ diagnosis }}.{% endif %}"
+    "{% if diagnosis %}\n\nA reviewer read an attempt at this problem and classified its decisive step as: "
+    "{{ diagnosis }}.{% endif %}"
     "\n\nUsing what you know, solve the problem correctly in your own words."
 )
 

@@ -25,6 +25,7 @@ import torch
 from trl.trainer.utils import pad
 
 from .annotators.base import Annotation, AnnotationRequest
+from .annotators.taxonomy import check_type_label, describe_type_label, type_label_dropped
 from .config import TRACEConfig
 from .context import TeacherContextBuilder
 from .spans import Span, TokenLabel, labels_from_offsets, token_char_offsets
@@ -116,14 +117,16 @@ def capped_token_labels(
 
 
 def type_label_for_rollout(annotation: Annotation, is_correct: bool) -> tuple[str | None, bool]:
-    """The annotator's type label if it belongs to the taxonomy of the rollout's own kind, and whether one was dropped.
+    """The annotator's type label (`Annotation.diagnosis`) if it belongs to the taxonomy of the rollout's own kind, and
+    whether one was given and dropped.
 
     A correct rollout takes a key-step label, an incorrect one an error label (`annotators.taxonomy`); anything else
     (e.g. `arithmetic_error` on a correct rollout) never reaches the teacher.
     """
-    if annotation.failed or annotation.diagnosis is None:
+    if annotation.failed:
         return None, False
-    return annotation.diagnosis, False  # TODO(issue 8): check against annotators.taxonomy once it lands
+    label = check_type_label(annotation.diagnosis, is_correct)
+    return label, type_label_dropped(annotation.diagnosis, is_correct)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,8 +341,10 @@ class RoutedBatchBuilder:
         or positions.
         """
         chosen = [i for i, routed in enumerate(routed_rows) if routed]
+        # The teacher reads the label in words ("missed case analysis"), never the span text or positions.
+        label_words = [describe_type_label(type_labels[i]) if type_labels[i] else None for i in chosen]
         built, ids = self.teacher_context.build(
-            [prompts[i] for i in chosen], [contexts[i] for i in chosen], [type_labels[i] for i in chosen], rows=chosen
+            [prompts[i] for i in chosen], [contexts[i] for i in chosen], label_words, rows=chosen
         )
         rows: list[list[int]] = [[] for _ in prompts]
         for i, row_ids in zip(chosen, ids, strict=True):
