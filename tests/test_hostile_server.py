@@ -326,6 +326,15 @@ def test_redact_removes_the_key_its_fragments_and_bearer_values():
     )
 
 
+@pytest.mark.parametrize(
+    "text", ["a" * 100_000, "a-" * 50_000, "api_key " * 20_000, "Bearer " * 20_000, "a b " * 25_000]
+)
+def test_redact_is_linear(text):
+    started = time.perf_counter()
+    redact(text, [CANARY])
+    assert time.perf_counter() - started < 0.5
+
+
 def test_key_echoed_by_the_server_reaches_no_error_log_file_or_page(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)
     for name in ("openai", "httpx", "httpx2", "httpcore", "trace_trl"):

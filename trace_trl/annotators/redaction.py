@@ -36,9 +36,9 @@ _PATTERNS = (
     # Key-looking tokens, also partly masked (`sk-abc1************wxyz`).
     re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_\-*.\u2026]{12,}"),
     re.compile(r"\b(?:hf|gsk|xai)_[A-Za-z0-9]{16,}"),
-    # Anything masked with a run of asterisks (the visible ends are a fragment of some key).
-    re.compile(r"[\w\-]*\*{4,}[\w\-]*"),
 )
+# A token masked with a run of asterisks: its visible ends are a fragment of some key.
+_MASK = "****"
 
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
@@ -58,22 +58,27 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     if not text:
         return text
     keys = [secret for secret in secrets if secret and len(secret) >= _WINDOW]
-    if keys:
-        text = _TOKEN.sub(lambda match: REDACTED if _echoes_a_secret(match.group(0), keys) else match.group(0), text)
+    windows = [{key[i : i + _WINDOW] for i in range(len(key) - _WINDOW + 1)} for key in keys]
+
+    def token(match: re.Match[str]) -> str:
+        value = match.group(0)
+        return REDACTED if _MASK in value or _echoes_a_secret(value, keys, windows) else value
+
+    # One pass over the tokens (linear; a regex that looks around a masked run would be quadratic on long words).
+    text = _TOKEN.sub(token, text)
     for pattern in _PATTERNS:
         text = pattern.sub(lambda match: (match.group(1) if match.lastindex else "") + REDACTED, text)
     return text
 
 
-def _echoes_a_secret(token: str, secrets: list[str]) -> bool:
+def _echoes_a_secret(token: str, secrets: list[str], windows: list[set[str]]) -> bool:
     if len(token) < _MIN_FRAGMENT:
         return False
-    for secret in secrets:
+    for secret, secret_windows in zip(secrets, windows):
         prefix = _VENDOR_PREFIX.match(secret)
         head = secret[: (prefix.end() if prefix else 0) + _MIN_FRAGMENT]
         if secret[-_MIN_FRAGMENT:] in token or head in token:
             return True
-        windows = {secret[i : i + _WINDOW] for i in range(len(secret) - _WINDOW + 1)}
-        if any(token[i : i + _WINDOW] in windows for i in range(len(token) - _WINDOW + 1)):
+        if any(token[i : i + _WINDOW] in secret_windows for i in range(len(token) - _WINDOW + 1)):
             return True
     return False
