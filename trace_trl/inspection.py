@@ -373,6 +373,8 @@ def _annotate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trace-trl annotate",
         description="Run an annotator over rollouts (JSONL file or Hub dataset) and write annotations as JSONL.",
+        epilog="Every rollout gets a row, failed ones with their (redacted) error. Exit status 1 when every annotation "
+        "failed, with the most common error on stderr; 0 otherwise.",
     )
     parser.add_argument("source", help="a .jsonl/.json file, or a Hub dataset name")
     parser.add_argument("-o", "--output", required=True, help="where to write the annotations (JSONL)")
