@@ -7,7 +7,15 @@
 Behaviours: `"ok"` (JSON answer), `"prose"` (the JSON inside prose, a code fence and with a trailing comma),
 `"malformed"`, `"missing"` (quotes that are not in the rollout), `"429"` (with `Retry-After`), `"500"`,
 `"400_schema"` (rejects `response_format`), `"hang"` (answers after `hang_s`), `"close"` (closes the connection
-without answering). The answer's content comes from `server.answer(rollout, is_correct, body) -> dict`; by default
+without answering).
+
+Hostile servers (`HOSTILE_BEHAVIOURS`), each answering HTTP 200 unless said otherwise: `"html_200"` (an HTML page),
+`"empty_200"` (an empty JSON-typed body), `"invalid_200"` (truncated JSON), `"json_list"` (a JSON list),
+`"no_choices"` (`choices: []`), `"message_null"`, `"numeric_content"` (`content: 42`), `"parts_content"` (the answer as
+a list of typed parts, read as text), `"string_usage"` (usage counts as strings, answer fine), `"deep"` (a few KB of
+nested brackets), `"huge"` (`huge_chars` of prose, then the JSON), `"401_echo"` (HTTP 401 that echoes the API key, in
+full and masked as OpenAI does), `"echo_200"` (a prose answer that echoes the Authorization header),
+`"ignores_schema"` (prose without JSON whatever `response_format` says, as `transformers serve` does). The answer's content comes from `server.answer(rollout, is_correct, body) -> dict`; by default
 it quotes the rollout's first line.
 """
 
@@ -26,6 +34,22 @@ from typing import Any
 
 _ROLLOUT = re.compile(r"<<<ROLLOUT (\w+)>>>\n(.*)\n<<<END ROLLOUT \1>>>", re.DOTALL)
 _VERDICT = re.compile(r"Verdict: (CORRECT|INCORRECT)")
+HOSTILE_BEHAVIOURS = (
+    "html_200",
+    "empty_200",
+    "invalid_200",
+    "json_list",
+    "no_choices",
+    "message_null",
+    "numeric_content",
+    "parts_content",
+    "string_usage",
+    "deep",
+    "huge",
+    "401_echo",
+    "echo_200",
+    "ignores_schema",
+)
 
 
 @dataclass
@@ -64,12 +88,14 @@ class FakeOpenAIServer:
         default: str = "ok",
         retry_after: str | None = "0",
         hang_s: float = 3.0,
+        huge_chars: int = 2_000_000,
         answer: Callable[[str, bool, dict[str, Any]], dict[str, Any]] = default_answer,
     ) -> None:
         self.latency = latency
         self.default = default
         self.retry_after = retry_after
         self.hang_s = hang_s
+        self.huge_chars = huge_chars
         self.answer = answer
         self.plan: list[str] = []
         self.requests: list[RecordedRequest] = []
@@ -124,6 +150,12 @@ class FakeOpenAIServer:
         is_correct = verdict is not None and verdict.group(1) == "CORRECT"
         if behaviour == "malformed":
             return "Sure! Here are the spans: spans = [quote: the first step"
+        if behaviour == "ignores_schema":
+            return "The rollout's key step is where it computes 3 * x. Overall the reasoning is sound and complete."
+        if behaviour == "deep":
+            return '{"spans": ' + "[" * 3000 + "]" * 3000 + ', "diagnosis": null}'
+        if behaviour == "echo_200":
+            return f"I was called with the header Authorization: {request.headers.get('authorization', '')}. No JSON."
         if behaviour == "missing":
             return json.dumps(
                 {"spans": [{"quote": "this text is nowhere in the rollout", "kind": "key"}], "diagnosis": None}
@@ -132,6 +164,9 @@ class FakeOpenAIServer:
         if behaviour == "prose":
             payload = payload[:-1].rstrip() + ",\n}"  # a trailing comma
             return f"Here is my analysis.\n```json\n{payload}\n```\nHope this helps."
+        if behaviour == "huge":
+            filler = "The model thinks about {this} and {that} step at length. "
+            return (filler * (self.huge_chars // len(filler) + 1))[: self.huge_chars] + "\n" + payload
         return payload
 
 
@@ -158,6 +193,17 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data)))
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
+            self.end_headers()
+            try:
+                self.wfile.write(data)
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def _send_raw(self, status: int, data: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             try:
                 self.wfile.write(data)
@@ -205,10 +251,26 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 message = "response_format of type json_schema is not supported by this model"
                 self._send_json(400, {"error": {"message": message, "type": "invalid_request_error"}})
                 return
+            if self._answer_hostile(recorded, behaviour):
+                return
             content = server._content(recorded, behaviour)
             prompt_chars = sum(len(m["content"]) for m in recorded.body["messages"])
-            usage = {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4}
+            usage: dict[str, Any] = {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            message: Any = {"role": "assistant", "content": content}
+            if behaviour == "string_usage":
+                usage = {name: str(value) for name, value in usage.items()}
+            elif behaviour == "parts_content":
+                message["content"] = [
+                    {"type": "text", "text": content[:10]},
+                    {"type": "image_url", "image_url": {"url": "data:,"}},
+                    {"type": "text", "text": content[10:]},
+                ]
+            elif behaviour == "numeric_content":
+                message["content"] = 42
+            elif behaviour == "message_null":
+                message = None
+            choices = [] if behaviour == "no_choices" else [{"index": 0, "message": message, "finish_reason": "stop"}]
             self._send_json(
                 200,
                 {
@@ -216,11 +278,29 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     "object": "chat.completion",
                     "created": int(time.time()),
                     "model": recorded.body.get("model", "fake"),
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-                    ],
+                    "choices": choices,
                     "usage": usage,
                 },
             )
+
+        def _answer_hostile(self, recorded: RecordedRequest, behaviour: str) -> bool:
+            """Answers that are not a chat completion at all; `False` when `behaviour` is not one of them."""
+            if behaviour == "html_200":
+                page = b"<!DOCTYPE html><html><head><title>Bad gateway</title></head><body><h1>Proxy login</h1></body></html>"
+                self._send_raw(200, page, "text/html; charset=utf-8")
+            elif behaviour == "empty_200":
+                self._send_raw(200, b"", "application/json")
+            elif behaviour == "invalid_200":
+                self._send_raw(200, b'{"id": "chatcmpl-1", "choices": [{"message": {"content": "{', "application/json")
+            elif behaviour == "json_list":
+                self._send_raw(200, b'[{"choices": []}, 1, "two"]', "application/json")
+            elif behaviour == "401_echo":
+                key = recorded.headers.get("authorization", "").removeprefix("Bearer ")
+                masked = key[:3] + "*" * max(0, len(key) - 7) + key[-4:]
+                message = f"Incorrect API key provided: {masked}. You sent {key}. Find your key in your account."
+                self._send_json(401, {"error": {"message": message, "type": "invalid_request_error"}})
+            else:
+                return False
+            return True
 
     return Handler

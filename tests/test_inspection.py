@@ -107,6 +107,7 @@ def test_cli_dispatches_to_inspection(tmp_path, rollouts_file):
     output = tmp_path / "out.jsonl"
     with FakeOpenAIServer(answer=answer) as server:
         argv = ["annotate", str(rollouts_file), "-o", str(output), "--model", "fake", "--base-url", server.base_url]
+        argv += ["--span-format", "quotes"]
         argv += ["--prompt-column", "question", "--completion-column", "answer", "--correct-column", "ok", "--quiet"]
         assert cli_main(argv) == 0
     assert cli_main(["render", str(output)]) == 0

@@ -298,7 +298,9 @@ def test_annotate_command_uses_the_segment_protocol_by_default(server, tmp_path)
     ]
     assert good["diagnosis"] == "case_analysis" and bad["diagnosis"] == "missed_case_analysis"
     assert server.requests[0].body["messages"][0]["content"] == SEGMENT_SYSTEM_PROMPT
-    assert annotate_main([*argv, "-o", str(tmp_path / "q.jsonl"), "--span-format", "quotes"]) == 0
+    # `--span-format quotes` switches protocol: this server speaks segments only, so every quote answer fails (and
+    # `trace-trl annotate` says so with exit status 1), but the requests were quote-protocol requests.
+    assert annotate_main([*argv, "-o", str(tmp_path / "q.jsonl"), "--span-format", "quotes"]) == 1
     assert server.requests[-1].body["messages"][0]["content"] == SYSTEM_PROMPT
 
 

@@ -141,9 +141,8 @@ def test_annotation_failure_raise_stops_training(tiny_model_dir, tiny_tokenizer,
     with pytest.raises(RuntimeError, match="4 annotation\\(s\\) failed \\(first: rate limited\\)"):
         trainer.train()
     trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=_failing_annotator, annotation_failure="raise")
-    with pytest.raises(RuntimeError, match="annotator raised ConnectionError") as info:
+    with pytest.raises(RuntimeError, match=r"annotator raised \(ConnectionError"):
         trainer.train()
-    assert isinstance(info.value.__cause__, ConnectionError)
 
 
 @pytest.mark.parametrize(
@@ -332,9 +331,8 @@ def test_annotator_exception_with_raise_stops_every_process_after_the_global_cou
         return original(tensor)
 
     monkeypatch.setattr(trainer._batch_builder, "reduce_sum", counting_reduce)
-    with pytest.raises(RuntimeError, match="annotator raised ConnectionError") as info:
+    with pytest.raises(RuntimeError, match=r"annotator raised \(ConnectionError: annotation server unreachable\)"):
         trainer.train()
-    assert isinstance(info.value.__cause__, ConnectionError)
     assert len(reduced) == 1, "the failure count must be reduced (every process joins) before raising"
 
 
@@ -399,3 +397,21 @@ def test_type_labels_reach_the_teacher_in_words_only_from_the_rollouts_own_taxon
         is_error_row = (batch["trace_labels"][row] == 2).any()
         assert ("classified its decisive step as: arithmetic error." in prompt) == bool(is_error_row)
         assert "arithmetic_error" not in prompt
+
+
+def test_an_annotator_exception_that_echoes_the_api_key_is_redacted(tiny_model_dir, tiny_tokenizer, tmp_path, caplog):
+    key = "sk-proj-" + "k3Y9" * 8
+
+    def leaky(requests):
+        raise PermissionError(f"401 Incorrect API key provided: {key}")
+
+    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=leaky)
+    trainer.model.train()
+    with caplog.at_level("WARNING"):
+        trainer._generate_and_score_completions([math_dataset()[0]] * 4)
+    assert "PermissionError" in caplog.text and key not in caplog.text and key[-8:] not in caplog.text
+    assert trainer._metrics["train"]["trace/annotation_failures"][-1] == 4
+    trainer.args.annotation_failure = "raise"
+    with pytest.raises(RuntimeError) as info:
+        trainer._generate_and_score_completions([math_dataset()[0]] * 4)
+    assert key not in str(info.value) and key[-8:] not in str(info.value) and info.value.__cause__ is None

@@ -11,9 +11,11 @@ spans highlighted and per-run statistics on top. In Jupyter, `AnnotationView(row
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import inspect
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .annotators.base import Annotation, AnnotationRequest, prompt_to_text
+from .annotators.redaction import redact
 from .spans import Span
 
 
@@ -231,7 +234,9 @@ def _rollout_html(index: int, row: Mapping[str, Any]) -> str:
         f'<span class="badge {"correct" if correct else "incorrect"}">{"correct" if correct else "incorrect"}</span>'
     ]
     if row.get("error") is not None:
-        badges.append(f'<span class="badge failed">annotation failed: {html.escape(str(row["error"]))}</span>')
+        # Rows may come from anywhere: strip any credential an error text still carries before showing it.
+        error = redact(str(row["error"]), [os.environ.get("OPENAI_API_KEY")])
+        badges.append(f'<span class="badge failed">annotation failed: {html.escape(error)}</span>')
     meta = [f"#{html.escape(str(row.get('index', index)))}"]
     if row.get("diagnosis"):
         meta.append(f"diagnosis: <b>{html.escape(str(row['diagnosis']))}</b>")
@@ -341,6 +346,7 @@ def _openai_annotator(args: argparse.Namespace) -> Any:
         max_tokens=args.max_tokens,
         use_json_schema=not args.no_json_schema,
         span_format=args.span_format,
+        **({"max_answer_chars": args.max_answer_chars} if args.max_answer_chars is not None else {}),
     )
 
 
@@ -368,6 +374,8 @@ def _annotate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trace-trl annotate",
         description="Run an annotator over rollouts (JSONL file or Hub dataset) and write annotations as JSONL.",
+        epilog="Every rollout gets a row, failed ones with their (redacted) error. Exit status 1 when every annotation "
+        "failed, with the most common error on stderr; 0 otherwise.",
     )
     parser.add_argument("source", help="a .jsonl/.json file, or a Hub dataset name")
     parser.add_argument("-o", "--output", required=True, help="where to write the annotations (JSONL)")
@@ -404,12 +412,50 @@ def _annotate_parser() -> argparse.ArgumentParser:
         default="segments",
         help="annotation protocol (--annotator openai): numbered segments (the paper's) or verbatim quotes",
     )
+    run.add_argument(
+        "--max-answer-chars",
+        type=int,
+        default=None,
+        help="longest annotator answer read (default 200000); longer answers fail as answer_too_long",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
+def _annotate_batch(annotator: Any, batch: list[AnnotationRequest], secrets: list[str | None]) -> list[Annotation]:
+    """The annotator's answers for `batch`; an annotator that raises fails this batch's rows, not the run."""
+    try:
+        annotations = list(annotator(batch))
+    except Exception as exc:
+        error = redact(f"annotator raised {type(exc).__name__}: {exc}", secrets)
+        return [Annotation.failure(error) for _ in batch]
+    if len(annotations) != len(batch):
+        error = (
+            f"annotator returned {len(annotations)} annotations for {len(batch)} requests (it must return one each)"
+        )
+        return [Annotation.failure(error) for _ in batch]
+    # Every error text is redacted again here: the annotator may be any callable.
+    return [dataclasses.replace(a, error=redact(a.error, secrets)) if a.error is not None else a for a in annotations]
+
+
+def _failure_summary(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """One line on the failed rows (how many, the most common error), or `None` when none failed."""
+    errors = Counter(str(row["error"]) for row in rows if row.get("error") is not None)
+    failed = sum(errors.values())
+    if not failed:
+        return None
+    error, times = errors.most_common(1)[0]
+    error = error if len(error) <= 300 else error[:300] + "..."
+    head = f"all {failed} annotations failed" if failed == len(rows) else f"{failed} of {len(rows)} annotations failed"
+    return f"trace-trl annotate: {head}; most common error ({times}x): {error}"
+
+
 def annotate_main(argv: Sequence[str] | None = None) -> int:
-    """`trace-trl annotate`: annotate rollouts and write one JSON row per rollout."""
+    """`trace-trl annotate`: annotate rollouts and write one JSON row per rollout.
+
+    Returns the exit status: `1` when every annotation failed (the rows are still written, each with its `error`, and
+    one line on stderr says what went wrong most often), else `0` (a partial failure prints the same line).
+    """
     from tqdm.auto import tqdm
 
     args = _annotate_parser().parse_args(argv)
@@ -423,6 +469,7 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
         correct_threshold=args.correct_threshold,
     )
     annotator = ANNOTATORS[args.annotator](args)
+    secrets = [os.environ.get(args.api_key_env)]
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     written: list[Row] = []
@@ -432,7 +479,7 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     ):
         for start in range(0, len(requests), args.batch_size):
             batch = requests[start : start + args.batch_size]
-            for offset, (request, annotation) in enumerate(zip(batch, annotator(batch))):
+            for offset, (request, annotation) in enumerate(zip(batch, _annotate_batch(annotator, batch, secrets))):
                 row = annotation_row(request, annotation, index=start + offset)
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                 written.append(row)
@@ -444,6 +491,16 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
         statistics["annotator"] = metrics()
     print(f"Wrote {len(written)} annotations to {output}")
     print(json.dumps(statistics, indent=2))
+    summary = _failure_summary(written)
+    if summary is not None:
+        print(summary, file=sys.stderr)
+        if all(row.get("error") is not None for row in written):
+            print(
+                "trace-trl annotate: no rollout was annotated (exit status 1). Fix the cause above and run again; "
+                "with --cache-dir, annotations that succeed are not asked for twice.",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 

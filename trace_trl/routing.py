@@ -25,6 +25,7 @@ import torch
 from trl.trainer.utils import pad
 
 from .annotators.base import Annotation, AnnotationRequest
+from .annotators.redaction import redact
 from .annotators.taxonomy import check_type_label, describe_type_label, type_label_dropped
 from .config import TRACEConfig
 from .context import TeacherContextBuilder
@@ -287,15 +288,17 @@ class RoutedBatchBuilder:
         try:
             annotations = self.annotator(requests)
         except Exception as exc:
+            # A server may echo the API key in its error: the text is redacted before it is logged or stored.
+            own_redact = getattr(self.annotator, "redact", None)
+            message = f"{type(exc).__name__}: {exc}"
+            message = own_redact(message) if callable(own_redact) else redact(message)
             if self.args.annotation_failure == "raise":
                 # Raised after the global failure count, on every process at once: raising here would leave the
                 # other processes waiting in a collective.
                 self._annotator_exception = exc
             else:
-                logger.warning(
-                    "Annotator raised %s: %s; these %d rollouts train as GRPO.", type(exc).__name__, exc, len(requests)
-                )
-            return [Annotation.failure(f"{type(exc).__name__}: {exc}") for _ in requests]
+                logger.warning("Annotator raised %s; these %d rollouts train as GRPO.", message, len(requests))
+            return [Annotation.failure(message) for _ in requests]
         annotations, problem = _checked_answer(annotations, len(requests))
         if problem is not None:
             # A broken annotator is a bug to fix, whatever `annotation_failure` says; it is raised on every process
@@ -316,10 +319,11 @@ class RoutedBatchBuilder:
         if self.args.annotation_failure != "raise" or global_failures == 0:
             return
         if self._annotator_exception is not None:
+            # The redacted text, without the original exception chained: its message may hold an echoed API key.
             raise RuntimeError(
-                f"The annotator raised {type(self._annotator_exception).__name__} with annotation_failure='raise'; "
-                "training stops on every process. Set `annotation_failure='skip'` to train these rollouts as plain GRPO."
-            ) from self._annotator_exception
+                f"The annotator raised ({annotations[0].error}) with annotation_failure='raise'; training stops on "
+                "every process. Set `annotation_failure='skip'` to train these rollouts as plain GRPO."
+            ) from None
         errors = [a.error for a in annotations if a.failed]
         detail = errors[0] if errors else "on another process"
         raise RuntimeError(

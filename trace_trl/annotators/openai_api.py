@@ -15,14 +15,15 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .base import Annotation, AnnotationRequest
 from .cache import AnnotationCache, request_cache_key
-from .parsing import AnnotationParseError, AnnotatorStats
+from .parsing import MAX_ANSWER_CHARS, AnnotationParseError, AnnotatorStats, AnswerTooLongError, strip_think_blocks
 from .prompts import (
     RESPONSE_SCHEMA,
     prompt_fingerprint,
@@ -31,6 +32,7 @@ from .prompts import (
     validate_template,
 )
 from .protocol import SEGMENT_REASK_MESSAGE, check_span_format, parse_protocol_answer, protocol_request
+from .redaction import redact
 from .segments import DEFAULT_MAX_SEGMENT_CHARS, check_max_segment_chars
 
 
@@ -103,6 +105,9 @@ class OpenAIAnnotator:
             model quotes the rollout verbatim (prompt `trace-annotator-v1`, unchanged). See `annotators.protocol`.
         max_segment_chars (`int`, *optional*, defaults to `300`):
             `"segments"` only: lines longer than this are split at sentence ends (`segments.split_segments`).
+        max_answer_chars (`int`, *optional*, defaults to `parsing.MAX_ANSWER_CHARS` (200,000)):
+            Longest answer read; a longer one fails that rollout (`answer_too_long`, counted in
+            `annotator/answers_too_long`) without being parsed, which bounds the time one runaway answer can take.
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class OpenAIAnnotator:
         extra_body: dict[str, Any] | None = None,
         span_format: str = "segments",
         max_segment_chars: int = DEFAULT_MAX_SEGMENT_CHARS,
+        max_answer_chars: int = MAX_ANSWER_CHARS,
     ) -> None:
         try:
             import openai  # noqa: F401
@@ -137,6 +143,8 @@ class OpenAIAnnotator:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}.")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
+        if max_answer_chars < 1:
+            raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}.")
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
@@ -157,10 +165,13 @@ class OpenAIAnnotator:
         self.span_format = check_span_format(span_format)
         check_max_segment_chars(max_segment_chars)
         self.max_segment_chars = max_segment_chars
+        self.max_answer_chars = max_answer_chars
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._cache = AnnotationCache(self.cache_dir) if self.cache_dir is not None else None
         # Flipped off for good the first time the server rejects structured outputs.
         self._json_schema_supported = True
+        # Set (and warned about, once) the first time an answer to a request with response_format is not JSON.
+        self._structured_output_ignored = False
         self._stats = AnnotatorStats()
 
     # --- what may and may not leave the process ------------------------------------------------------------------
@@ -183,6 +194,12 @@ class OpenAIAnnotator:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._api_key = os.environ.get(self.api_key_env)
+        self.__dict__.setdefault("max_answer_chars", MAX_ANSWER_CHARS)
+        self.__dict__.setdefault("_structured_output_ignored", False)
+
+    def redact(self, text: str) -> str:
+        """`text` without the API key (or a fragment of it) or any other credential; see `redaction.redact`."""
+        return redact(text, [self._api_key])
 
     @property
     def config_fingerprint(self) -> str:
@@ -226,11 +243,15 @@ class OpenAIAnnotator:
     def metrics(self) -> dict[str, float]:
         """Running totals since creation (or `reset_metrics`), keys prefixed with `annotator/`.
 
-        `requests`, `cache_hits`, `api_calls`, `retries`, `failures`, `spans`, `dropped_spans`, `prompt_tokens`,
-        `completion_tokens`, `json_schema_fallbacks` and `latency_s_mean` (per annotation not served from the cache,
-        retries included).
+        `requests`, `cache_hits`, `api_calls`, `retries`, `failures` (of which `invalid_responses`, `format_failures`
+        and `answers_too_long`), `spans`, `dropped_spans`, `prompt_tokens`, `completion_tokens`,
+        `json_schema_fallbacks`, `latency_s_mean` (per annotation not served from the cache, retries included), and
+        `structured_output_ignored`: 1 once the server answered a request that carried `response_format` with
+        something that is not JSON (it does not honour structured output), else 0.
         """
-        return self._stats.as_dict()
+        metrics = self._stats.as_dict()
+        metrics["annotator/structured_output_ignored"] = float(self._structured_output_ignored)
+        return metrics
 
     def reset_metrics(self) -> None:
         self._stats.reset()
@@ -261,7 +282,7 @@ class OpenAIAnnotator:
             client = self._make_client()
             try:
                 semaphore = asyncio.Semaphore(self.max_concurrency)
-                fresh = await asyncio.gather(*(self._annotate_one(client, semaphore, r) for r in todo.values()))
+                fresh = await asyncio.gather(*(self._annotate_guarded(client, semaphore, r) for r in todo.values()))
             finally:
                 await client.close()
             results.update(zip(todo, fresh))
@@ -319,6 +340,21 @@ class OpenAIAnnotator:
             kwargs["extra_body"] = self.extra_body
         return kwargs
 
+    async def _annotate_guarded(
+        self, client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, request: AnnotationRequest
+    ) -> Annotation:
+        """`_annotate_one`, but no exception of one request escapes to fail the others of the batch.
+
+        Only `Exception`s are caught: `KeyboardInterrupt` and `asyncio.CancelledError` still stop the call.
+        """
+        started = time.perf_counter()
+        try:
+            return await self._annotate_one(client, semaphore, request)
+        except Exception as exc:
+            error = self.redact(f"internal error while annotating ({type(exc).__name__}: {_short(exc)})")
+            logger.warning("%s; this rollout trains as GRPO. Please report this as a trace-trl bug.", error)
+            return Annotation.failure(error, usage=self._usage({"prompt_tokens": 0, "completion_tokens": 0}, started))
+
     async def _annotate_one(
         self, client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, request: AnnotationRequest
     ) -> Annotation:
@@ -345,10 +381,15 @@ class OpenAIAnnotator:
             try:
                 async with semaphore:
                     # `wait_for` bounds the whole attempt; the client's timeout alone resets on every byte received.
-                    response = await asyncio.wait_for(
-                        client.chat.completions.create(**self._request_kwargs(messages, with_schema, schema)),
+                    # The raw response: the client's own parsing raises, or returns a string, on a body that is not a
+                    # chat completion; `read_chat_completion` turns every such body into this request's failure.
+                    raw = await asyncio.wait_for(
+                        client.chat.completions.with_raw_response.create(
+                            **self._request_kwargs(messages, with_schema, schema)
+                        ),
                         timeout=self.timeout,
                     )
+                    body, content_type = raw.http_response.content, raw.headers.get("content-type")
             except openai.BadRequestError as exc:
                 if with_schema and _mentions_structured_output(exc):
                     self._json_schema_supported = False
@@ -359,7 +400,9 @@ class OpenAIAnnotator:
             except (openai.APIStatusError, openai.APIConnectionError, asyncio.TimeoutError) as exc:
                 if not _is_retryable(exc) or retries >= self.max_retries:
                     return self._failure(
-                        f"{_describe(exc)} (after {usage['attempts']} attempt(s)): {_short(exc)}", usage, started
+                        f"{_describe(exc)} (after {usage['attempts']} attempt(s)): {_short(exc)}{self._fix_for(exc)}",
+                        usage,
+                        started,
                     )
                 delay = self._backoff(retries, exc)
                 retries += 1
@@ -368,13 +411,35 @@ class OpenAIAnnotator:
                 await asyncio.sleep(delay)
                 continue
 
-            if response.usage is not None:
-                usage["prompt_tokens"] += response.usage.prompt_tokens or 0
-                usage["completion_tokens"] += response.usage.completion_tokens or 0
-            text = (response.choices[0].message.content or "") if response.choices else ""
             try:
-                return parse_protocol_answer(text, request, built, usage=self._usage(usage, started))
+                answer = read_chat_completion(body, content_type)
+            except BadResponseError as exc:
+                return self._failure(
+                    f"server answered HTTP 200 with a body that is not a chat completion: {exc}; check that base_url "
+                    "points at an OpenAI-compatible chat-completions endpoint (a proxy or login page answers like this)",
+                    usage,
+                    started,
+                    kind="invalid_responses",
+                )
+            usage["prompt_tokens"] += answer.prompt_tokens
+            usage["completion_tokens"] += answer.completion_tokens
+            text = answer.text
+            try:
+                return parse_protocol_answer(
+                    text, request, built, usage=self._usage(usage, started), max_chars=self.max_answer_chars
+                )
+            except AnswerTooLongError as exc:
+                return self._failure(str(exc), usage, started, kind="answers_too_long")
             except AnnotationParseError as exc:
+                hint = ""
+                if answer.finish_reason == "length":
+                    hint = f" (the answer was cut at max_tokens={self.max_tokens}: raise max_tokens)"
+                elif with_schema and not strip_think_blocks(text).lstrip().startswith("{"):
+                    self._note_structured_output_ignored()
+                    hint = (
+                        " (the server does not honour response_format: use a server that supports structured "
+                        "output, a stricter prompt_template, or reask_on_malformed=True)"
+                    )
                 if self.reask_on_malformed and not reasked:
                     reasked = True
                     messages = [
@@ -383,7 +448,32 @@ class OpenAIAnnotator:
                         {"role": "user", "content": REASK_MESSAGE if schema is None else SEGMENT_REASK_MESSAGE},
                     ]
                     continue
-                return self._failure(f"malformed annotation: {exc}", usage, started)
+                return self._failure(f"malformed annotation: {exc}{hint}", usage, started, kind="format_failures")
+
+    def _fix_for(self, exc: BaseException) -> str:
+        """What to do about an HTTP error that retrying does not cure, as a suffix of the error text."""
+        status = getattr(exc, "status_code", None)
+        if status in (401, 403):
+            return (
+                f" (the server refused the credentials: put the right API key in ${self.api_key_env} or pass "
+                "api_key=...)"
+            )
+        if status == 404:
+            return f" (check base_url={self.base_url!r} and that the server serves model {self.model!r})"
+        return ""
+
+    def _note_structured_output_ignored(self) -> None:
+        if self._structured_output_ignored:
+            return
+        self._structured_output_ignored = True
+        logger.warning(
+            "The annotator server (model %r) does not honour response_format=json_schema: it answered a structured-"
+            "output request with text that is not JSON (as `transformers serve` does). Such answers fail their "
+            "rollout (counted in annotator/format_failures; annotator/structured_output_ignored is 1). Use a server "
+            "that supports structured output (vLLM, SGLang, OpenAI), a stricter prompt_template, or "
+            "reask_on_malformed=True.",
+            self.model,
+        )
 
     def _backoff(self, retry: int, exc: BaseException) -> float:
         retry_after = _retry_after_seconds(exc)
@@ -395,9 +485,130 @@ class OpenAIAnnotator:
     def _usage(usage: dict[str, int], started: float) -> dict[str, float]:
         return {**usage, "latency_s": time.perf_counter() - started}
 
-    def _failure(self, error: str, usage: dict[str, int], started: float) -> Annotation:
+    def _failure(self, error: str, usage: dict[str, int], started: float, kind: str | None = None) -> Annotation:
+        # Servers echo what they were sent (a 401 quotes the key): no error text is stored or logged unredacted.
+        error = self.redact(error)
         logger.debug("Annotation failed: %s", error)
-        return Annotation.failure(error, usage=self._usage(usage, started))
+        flags = {kind: 1} if kind is not None else {}
+        return Annotation.failure(error, usage={**self._usage(usage, started), **flags})
+
+
+class BadResponseError(ValueError):
+    """An HTTP 200 whose body is not a chat completion; the message describes what it is instead."""
+
+
+@dataclass(frozen=True)
+class ChatAnswer:
+    """What the annotator needs of a chat completion: the answer's text, why it ended, and the token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def read_chat_completion(body: Any, content_type: str | None = None) -> ChatAnswer:
+    """Read the first choice of a chat-completion response body, whatever the server sent; never anything but
+    `BadResponseError` for a body that is not one.
+
+    `body` is the raw HTTP body (`bytes` or `str`), an already decoded JSON value, or a pydantic model of the
+    `openai` client. Content given as a list of typed parts is read as the concatenation of its text parts. Token
+    counts that are strings are converted; any other odd value counts as 0 (usage never fails a request).
+
+    Raises:
+        `BadResponseError`: the body is empty, not JSON, not a JSON object, an error object, or has no first choice
+        with a message whose content is text (the message says which, with a short preview of the body).
+    """
+    if hasattr(body, "model_dump"):
+        body = body.model_dump()
+    if isinstance(body, (bytes, bytearray)):
+        body = bytes(body).decode("utf-8", errors="replace")
+    if isinstance(body, str):
+        if not body.strip():
+            raise BadResponseError(f"an empty body{_content_type(content_type)}")
+        try:
+            body = json.loads(body)
+        except (ValueError, RecursionError):
+            preview = body.strip()[:80]
+            raise BadResponseError(f"not valid JSON{_content_type(content_type)}, starting {preview!r}") from None
+    if not isinstance(body, Mapping):
+        raise BadResponseError(f"a JSON {_type_name(body)} instead of an object")
+    choices = body.get("choices")
+    if choices is None and isinstance(body.get("error"), (Mapping, str)):
+        error = body["error"]
+        message = error.get("message", "") if isinstance(error, Mapping) else error
+        raise BadResponseError(f"an error object: {str(message)[:200]}")
+    if not isinstance(choices, list):
+        raise BadResponseError("no choices" if choices is None else f"choices is {_type_name(choices)}")
+    if not choices:
+        raise BadResponseError("no choices (an empty list)")
+    choice = choices[0]
+    if not isinstance(choice, Mapping):
+        raise BadResponseError(f"choice is {_type_name(choice)}")
+    finish_reason = choice.get("finish_reason")
+    finish_reason = finish_reason if isinstance(finish_reason, str) else None
+    message = choice.get("message")
+    if isinstance(message, Mapping):
+        content = message.get("content")
+    elif isinstance(choice.get("text"), str):  # a text-completion choice: read it all the same
+        content = choice["text"]
+    else:
+        raise BadResponseError("no message in choices[0]" if message is None else f"message is {_type_name(message)}")
+    if content is None:
+        refusal = message.get("refusal") if isinstance(message, Mapping) else None
+        if refusal:
+            raise BadResponseError(f"no content: the model refused ({str(refusal)[:200]})")
+        ending = f" (finish_reason {finish_reason!r})" if finish_reason else ""
+        raise BadResponseError(f"no content in the message{ending}")
+    if isinstance(content, list):
+        parts = [_part_text(part) for part in content]
+        if not any(part is not None for part in parts):
+            raise BadResponseError("content is a list of parts with no text part")
+        content = "".join(part for part in parts if part is not None)
+    if not isinstance(content, str):
+        raise BadResponseError(f"content is {_type_name(content)}")
+    usage = body.get("usage")
+    usage = usage if isinstance(usage, Mapping) else {}
+    return ChatAnswer(
+        text=content,
+        finish_reason=finish_reason,
+        prompt_tokens=_count(usage.get("prompt_tokens")),
+        completion_tokens=_count(usage.get("completion_tokens")),
+    )
+
+
+def _part_text(part: Any) -> str | None:
+    if isinstance(part, str):
+        return part
+    if (
+        isinstance(part, Mapping)
+        and isinstance(part.get("text"), str)
+        and part.get("type", "text") in ("text", "output_text")
+    ):
+        return part["text"]
+    return None
+
+
+def _count(value: Any) -> int:
+    """A token count from whatever the server sent: `12`, `12.0`, `"12"`; anything else is 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return 0
+    if isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
+        return max(0, int(value))
+    return 0
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _content_type(content_type: str | None) -> str:
+    return f" (Content-Type {content_type.split(';')[0].strip()})" if content_type else ""
 
 
 def _is_retryable(exc: BaseException) -> bool:

@@ -24,11 +24,24 @@ class AnnotationParseError(ValueError):
     """The annotator's answer is not a JSON object of the expected shape."""
 
 
-_CODE_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+class AnswerTooLongError(AnnotationParseError):
+    """The answer is longer than the parser accepts (`MAX_ANSWER_CHARS`); it is refused without being read."""
+
+
+# Longest answer the parser reads, in characters. An annotation is a few quotes (a few KB at most); anything much longer
+# is a runaway generation, and refusing it bounds the time one answer can take while other requests wait.
+MAX_ANSWER_CHARS = 200_000
+# Candidate objects decoded per piece of the answer (each fenced block, and the whole answer): bounds the work on an
+# answer made of thousands of small objects.
+MAX_JSON_CANDIDATES = 64
+
 _TRAILING_COMMA = re.compile(r",(\s*[}\]])")
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
 # A lone backslash before anything but a JSON escape letter (LaTeX: `\(`, `\sqrt`) makes the JSON invalid.
 _ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+# The characters the object scanner stops at; everything else is skipped by the regex engine.
+_STRUCTURE = re.compile(r'[{}"\\]')
+# An object that can be the answer starts with a key (or is empty).
+_OBJECT_START = re.compile(r"\{\s*[\"}]")
 # LaTeX written with single backslashes decodes into control characters: `\frac` -> form feed + "rac".
 _LATEX_CONTROL_CHARS = {"\b": "\\b", "\f": "\\f", "\t": "\\t", "\r": "\\r"}
 _KIND_ALIASES = {
@@ -41,33 +54,182 @@ _KIND_ALIASES = {
 }
 
 
-def extract_json(text: str) -> dict[str, Any]:
-    """The first JSON object in `text`, tolerating what models wrap around it.
+def extract_json(text: str, *, max_chars: int | None = MAX_ANSWER_CHARS) -> dict[str, Any]:
+    """The JSON object of an annotator's answer, tolerating what models wrap around it.
 
-    Handles: a `<think>...</think>` block before the answer, Markdown code fences, prose before or after the object,
-    and trailing commas. Raises `AnnotationParseError` when no object can be read.
+    Handles: `<think>...</think>` blocks, Markdown code fences, prose before or after the object, trailing commas and
+    LaTeX backslashes that are not JSON escapes. An object holding `spans` (or `quotes`) is preferred, also when it is
+    nested in another object; otherwise the first object found is returned.
+
+    Time is linear in the length of the answer: one scan finds the outermost balanced `{...}` pieces (aware of JSON
+    strings and escapes), and only those are decoded, at most `MAX_JSON_CANDIDATES` per fenced block and for the whole
+    answer; when none decodes, at most as many more starts (`{` followed by `"`) are tried. An object nested deeper than
+    Python's recursion limit is a parse failure, never a `RecursionError`.
+
+    Args:
+        text (`str`):
+            The answer.
+        max_chars (`int` or `None`, *optional*, defaults to `MAX_ANSWER_CHARS`):
+            Longer answers raise `AnswerTooLongError` without being read; `None` for no limit.
+
+    Raises:
+        `AnnotationParseError`: when no object can be read (`AnswerTooLongError` when the answer is too long).
     """
-    text = _THINK_BLOCK.sub("", text or "")
-    candidates = [match.group(1) for match in _CODE_FENCE.finditer(text)] + [text]
-    decoder = json.JSONDecoder()
+    text = text or ""
+    if max_chars is not None and len(text) > max_chars:
+        raise AnswerTooLongError(
+            f"answer_too_long: the annotator's answer has {len(text)} characters, more than the {max_chars} the parser "
+            "accepts (max_answer_chars); lower the annotator's max_tokens, or raise max_answer_chars if such answers "
+            "are genuine"
+        )
+    text = strip_think_blocks(text)
     fallback: dict[str, Any] | None = None
-    for candidate in candidates:
-        without_commas = _TRAILING_COMMA.sub(r"\1", candidate)
-        for variant in (candidate, without_commas, _fix_invalid_escapes(without_commas)):
-            for start in (i for i, char in enumerate(variant) if char == "{"):
-                try:
-                    value, _ = decoder.raw_decode(variant, start)
-                except json.JSONDecodeError:
-                    continue
-                # An inner object (one span) also decodes; prefer the object that holds the answer.
-                if isinstance(value, dict) and ("spans" in value or "quotes" in value):
-                    return value
-                if isinstance(value, dict) and fallback is None:
-                    fallback = value
+    for piece in [*_fenced_blocks(text), text]:
+        found, first = _find_answer(piece)
+        if found is not None:
+            return found
+        if fallback is None:
+            fallback = first
     if fallback is not None:
         return fallback
     preview = (text[:120] + "...") if len(text) > 120 else text
     raise AnnotationParseError(f"no JSON object in the annotator's answer: {preview!r}")
+
+
+def strip_think_blocks(text: str) -> str:
+    """`text` without its `<think>...</think>` blocks; an unclosed `<think>` stays. Linear, unlike a lazy regex."""
+    pieces, position = [], 0
+    while True:
+        opening = text.find("<think>", position)
+        if opening < 0:
+            break
+        closing = text.find("</think>", opening + 7)
+        if closing < 0:
+            break
+        pieces.append(text[position:opening])
+        position = closing + 8
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
+def _fenced_blocks(text: str) -> list[str]:
+    """The contents of Markdown code fences (an optional `json` tag dropped), in order. Linear."""
+    blocks, position = [], 0
+    while True:
+        opening = text.find("```", position)
+        if opening < 0:
+            return blocks
+        closing = text.find("```", opening + 3)
+        if closing < 0:
+            return blocks
+        block = text[opening + 3 : closing]
+        if block[:4] in ("json", "JSON"):
+            block = block[4:]
+        blocks.append(block.lstrip())
+        position = closing + 3
+
+
+def _object_pieces(text: str) -> list[tuple[int, int]]:
+    """The outermost balanced `{...}` pieces of `text`, as `(start, end)`, in order; one linear scan.
+
+    Braces inside JSON strings do not count (strings are tracked inside braces only, so a stray `"` in prose does not
+    matter). A `{` that never closes (LaTeX, a set in prose, a truncated answer) does not hide the objects after it:
+    the balanced pieces inside an unclosed brace are outermost too.
+    """
+    # `stack` holds the positions of the open braces; `levels[d]` the balanced pieces closed at depth `d` since the
+    # brace enclosing them opened (they are dropped when it closes: they are then inside a bigger piece).
+    stack: list[int] = []
+    levels: list[list[tuple[int, int]]] = [[]]
+    in_string = False
+    skip = -1  # the position of an escaped character
+    for match in _STRUCTURE.finditer(text):
+        index = match.start()
+        char = text[index]
+        if in_string:
+            if index == skip:
+                continue
+            if char == "\\":
+                skip = index + 1
+            elif char == '"':
+                in_string = False
+        elif char == "{":
+            stack.append(index)
+        elif char == "}":
+            if stack:
+                start = stack.pop()
+                depth = len(stack)
+                if len(levels) > depth + 1:
+                    levels[depth + 1].clear()
+                while len(levels) <= depth:
+                    levels.append([])
+                levels[depth].append((start, index + 1))
+        elif char == '"' and stack:
+            in_string = True
+    # What an unclosed brace holds is outermost too (levels past the open depth are empty: cleared on closing).
+    pieces = [piece for level in levels[: len(stack) + 1] for piece in level]
+    pieces.sort()
+    return pieces
+
+
+def _decode(piece: str) -> Any:
+    """`piece` as JSON, trying it as is, without trailing commas, then with invalid escapes fixed; `None` if none."""
+    without_commas = _TRAILING_COMMA.sub(r"\1", piece)
+    for variant in (piece, without_commas, _fix_invalid_escapes(without_commas)):
+        try:
+            return json.loads(variant)
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than Python allows
+            continue
+    return None
+
+
+def _answer_in(value: Any) -> dict[str, Any] | None:
+    """The first object holding `spans`/`quotes`/`segments` in `value` (itself, or nested), breadth first, without
+    recursion."""
+    queue = [value]
+    for item in queue:  # the list grows while we walk it
+        if isinstance(item, dict):
+            if "spans" in item or "quotes" in item or "segments" in item:
+                return item
+            queue.extend(item.values())
+        elif isinstance(item, list):
+            queue.extend(item)
+    return None
+
+
+def _find_answer(text: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """`(answer, first_object)` of one piece of an answer: the object holding spans, and the first object at all."""
+    first: dict[str, Any] | None = None
+    tried: set[int] = set()
+    candidates = [(s, e) for s, e in _object_pieces(text) if _OBJECT_START.match(text, s)]
+    for start, end in candidates[:MAX_JSON_CANDIDATES]:
+        tried.add(start)
+        value = _decode(text[start:end])
+        if isinstance(value, dict):
+            answer = _answer_in(value)
+            if answer is not None:
+                return answer, value
+            first = value if first is None else first
+    if first is not None:
+        return None, first
+    # The scan can be misled (an unbalanced quote inside a stray brace); decode from a bounded number of likely starts.
+    decoder = json.JSONDecoder()
+    attempts = 0
+    for match in _OBJECT_START.finditer(text):
+        if match.start() in tried:
+            continue
+        attempts += 1
+        if attempts > MAX_JSON_CANDIDATES:
+            break
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(value, dict):
+            answer = _answer_in(value)
+            if answer is not None:
+                return answer, value
+            first = value if first is None else first
+    return None, first
 
 
 def _fix_invalid_escapes(text: str) -> str:
@@ -121,7 +283,13 @@ def _repair_latex(quote: str, completion: str) -> str:
     return repaired if locate_quote(completion, repaired) is not None else quote
 
 
-def parse_annotation(text: str, request: AnnotationRequest, usage: Mapping[str, float] | None = None) -> Annotation:
+def parse_annotation(
+    text: str,
+    request: AnnotationRequest,
+    usage: Mapping[str, float] | None = None,
+    *,
+    max_chars: int | None = MAX_ANSWER_CHARS,
+) -> Annotation:
     """Turn an annotator's answer into an `Annotation` of `request.completion`.
 
     Quotes are placed with `locate_quotes` (exact, then whitespace-normalized; repeated quotes take the next
@@ -129,9 +297,10 @@ def parse_annotation(text: str, request: AnnotationRequest, usage: Mapping[str, 
     not match the rollout's correctness are kept as returned: the trainer drops and counts them.
 
     Raises:
-        `AnnotationParseError`: when the answer holds no JSON object with a `spans` list.
+        `AnnotationParseError`: when the answer holds no JSON object with a `spans` list (`AnswerTooLongError` when
+        it is longer than `max_chars` characters, see `extract_json`).
     """
-    payload = extract_json(text)
+    payload = extract_json(text, max_chars=max_chars)
     quotes, unusable = _quote_items(payload, request.is_correct)
     quotes = [(_repair_latex(quote, request.completion), kind) for quote, kind in quotes]
     spans, not_found = locate_quotes(request.completion, quotes)
@@ -143,13 +312,19 @@ def parse_annotation(text: str, request: AnnotationRequest, usage: Mapping[str, 
     )
 
 
+# Kinds of failure an annotator flags in a failed annotation's `usage` (`usage[kind] = 1`), counted by `AnnotatorStats`.
+FAILURE_KINDS = ("invalid_responses", "format_failures", "answers_too_long")
+
+
 class AnnotatorStats:
     """Thread-safe running totals behind an annotator's `metrics()`.
 
     Counters: `requests` (rollouts asked for), `cache_hits`, `api_calls` (attempts sent), `retries`, `failures`,
     `spans`, `dropped_spans`, `prompt_tokens`, `completion_tokens`, `json_schema_fallbacks`, `dropped_labels` (type
-    labels outside the taxonomy of the rollout's kind, from `usage["dropped_labels"]`); plus the summed latency of the
-    annotations that were not served from the cache.
+    labels outside the taxonomy of the rollout's kind, from `usage["dropped_labels"]`), and among the failures
+    `invalid_responses` (an HTTP 200 whose body is not a chat completion), `format_failures` (an answer with no
+    usable JSON annotation) and `answers_too_long` (refused unread, see `MAX_ANSWER_CHARS`); plus the summed latency
+    of the annotations that were not served from the cache.
     """
 
     COUNTERS = (
@@ -164,6 +339,9 @@ class AnnotatorStats:
         "completion_tokens",
         "json_schema_fallbacks",
         "dropped_labels",
+        "invalid_responses",
+        "format_failures",
+        "answers_too_long",
     )
 
     def __init__(self) -> None:
@@ -186,6 +364,9 @@ class AnnotatorStats:
         usage = annotation.usage or {}
         with self._lock:
             self._totals["failures"] += int(annotation.failed)
+            if annotation.failed:  # the kind of failure, flagged in `usage` by the annotator
+                for name in FAILURE_KINDS:
+                    self._totals[name] += int(bool(usage.get(name)))
             self._totals["spans"] += len(annotation.spans)
             self._totals["dropped_spans"] += annotation.dropped_spans
             self._totals["dropped_labels"] += int(usage.get("dropped_labels", 0))
@@ -236,14 +417,14 @@ def _segment_number(value: Any) -> int | None:
     return None
 
 
-def _segment_payload(text: str) -> dict[str, Any]:
+def _segment_payload(text: str, max_chars: int | None = MAX_ANSWER_CHARS) -> dict[str, Any]:
     """The JSON object of a segment answer.
 
     `extract_json` prefers objects with a quote-protocol key; when it returns another object (an example item in
     prose, or one item of an answer with a trailing comma), the object that opens just before one of the first few
     `"segments"` keys is decoded instead (bounded, so hostile text stays linear).
     """
-    payload = extract_json(text)
+    payload = extract_json(text, max_chars=max_chars)
     if "segments" in payload:
         return payload
     text = (text or "").rpartition("</think>")[2]  # never an example from the reasoning
@@ -256,7 +437,7 @@ def _segment_payload(text: str) -> dict[str, Any]:
         if start >= 0:
             try:
                 value, _ = decoder.raw_decode(_SEGMENT_TRAILING_COMMA.sub(r"\1", text[start:]))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than Python allows
                 value = None
             if isinstance(value, dict) and "segments" in value:
                 return value
@@ -269,6 +450,8 @@ def parse_segment_annotation(
     request: AnnotationRequest,
     segments: list[Segment] | tuple[Segment, ...],
     usage: Mapping[str, float] | None = None,
+    *,
+    max_chars: int | None = MAX_ANSWER_CHARS,
 ) -> Annotation:
     """Turn a segment-protocol answer into an `Annotation` of `request.completion`.
 
@@ -284,7 +467,7 @@ def parse_segment_annotation(
     Raises:
         `AnnotationParseError`: when the answer holds no JSON object with a `segments` list.
     """
-    payload = _segment_payload(text)
+    payload = _segment_payload(text, max_chars)
     items = payload.get("segments")
     if items is None:
         raise AnnotationParseError("the annotator's JSON has no 'segments' list")

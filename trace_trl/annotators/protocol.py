@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .base import Annotation, AnnotationRequest
-from .parsing import enforce_type_label, parse_annotation, parse_segment_annotation
+from .parsing import MAX_ANSWER_CHARS, enforce_type_label, parse_annotation, parse_segment_annotation
 from .prompts import build_messages, build_segment_messages
 from .segments import Segment, render_numbered, split_segments
 
@@ -70,9 +70,16 @@ def protocol_request(
 
 
 def parse_protocol_answer(
-    text: str, request: AnnotationRequest, built: ProtocolRequest, usage: Mapping[str, float] | None = None
+    text: str,
+    request: AnnotationRequest,
+    built: ProtocolRequest,
+    usage: Mapping[str, float] | None = None,
+    *,
+    max_chars: int | None = MAX_ANSWER_CHARS,
 ) -> Annotation:
-    """Parse an answer in the protocol `built` was made for; raises `AnnotationParseError` like the parsers."""
+    """Parse an answer in the protocol `built` was made for; raises `AnnotationParseError` like the parsers
+    (`AnswerTooLongError` for an answer over `max_chars`)."""
     if built.segments is None:
-        return enforce_type_label(parse_annotation(text, request, usage=usage), request.is_correct)
-    return parse_segment_annotation(text, request, built.segments, usage=usage)
+        annotation = parse_annotation(text, request, usage=usage, max_chars=max_chars)
+        return enforce_type_label(annotation, request.is_correct)
+    return parse_segment_annotation(text, request, built.segments, usage=usage, max_chars=max_chars)
