@@ -41,7 +41,7 @@ def main() -> None:
     with FakeOpenAIServer(latency=args.latency) as server:
         for concurrency in args.concurrency:
             annotator = OpenAIAnnotator(
-                "fake", base_url=server.base_url, api_key="sk-bench", max_concurrency=concurrency
+                "fake", base_url=server.base_url, api_key="sk-bench", max_concurrency=concurrency, span_format="quotes"
             )
             started = time.perf_counter()
             annotations = annotator(requests)

@@ -237,6 +237,12 @@ def build_trainer(model_dir: str, method: str, spec: dict[str, Any], output_dir:
             kl_warmup_steps=1000,
             kl_decay_steps=0,
             key_span_action="fkl",
+            # The benchmark compares against a dense all-token baseline reduced with GRPO's normalizer, unclipped and
+            # uncapped: pin those mechanics rather than inherit the paper's defaults.
+            routed_token_grpo="exclusive",
+            kl_normalization="grpo",
+            kl_term_clip=None,
+            max_routed_fraction=None,
             teacher_kind=spec["teacher_kind"],
             kl_topk=spec["kl_topk"] if method == "trace" else None,
             kl_chunk_size=spec["kl_chunk_size"],
@@ -273,7 +279,7 @@ def synthetic_batch(
     completion]`, left-padded; rows without spans have an empty teacher prompt (all padding), as in `_routed_batch`.
     For `dense` (all-token self-distillation) every row has a teacher prompt. Same seed, same tokens for every method.
     """
-    from trace_trl.losses import ROUTE_CODES, ROUTE_GRPO
+    from trace_trl.routing import Route
 
     batch, length, prompt_length = spec["batch"], spec["length"], spec["prompt_length"]
     teacher_prompt_length = spec["teacher_prompt_length"]
@@ -302,7 +308,7 @@ def synthetic_batch(
         for end in ends:
             labels[i, max(0, end - span) : end] = 1
     labels = labels * completion_mask
-    route = torch.where(labels == 1, ROUTE_CODES["fkl"], ROUTE_GRPO)
+    route = torch.where(labels == 1, Route.FKL, Route.GRPO)
 
     teacher_prompt = torch.randint(low, high, (batch, teacher_prompt_length), generator=generator)
     teacher_prompt_mask = torch.zeros(batch, teacher_prompt_length, dtype=torch.long)
@@ -688,7 +694,7 @@ def sanity_check(args: argparse.Namespace, length: int = 48, batch: int = 2) -> 
     mask = inputs["completion_mask"]
     full = {
         **inputs,
-        "trace_route": torch.where(mask.bool(), 1, 0),
+        "trace_route": torch.where(mask.bool(), Route.FKL, Route.GRPO),
         "trace_labels": mask.clone(),
         "teacher_attention_mask": inputs["teacher_attention_mask"].clone(),
     }

@@ -37,6 +37,8 @@ from trace_trl.annotators import Annotation  # noqa: E402
 
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+# The KL channel's reduction under each GRPO loss type: the paper's sequence normalization and GRPO's normalizer.
+CASES = [(loss_type, kl_normalization) for loss_type in LOSS_TYPES for kl_normalization in ("sequence", "grpo")]
 BATCH_KEYS = (
     "prompt_ids",
     "prompt_mask",
@@ -90,13 +92,14 @@ def main(model_dir: str, out_dir: str, peft: bool) -> None:
     rows = [math_dataset()[rank] for _ in range(4)]  # one prompt group per process
     batch = trainer._generate_and_score_completions(rows)
     results = {}
-    for loss_type in LOSS_TYPES:
+    for loss_type, kl_normalization in CASES:
         trainer.loss_type = loss_type
+        trainer.args.kl_normalization = kl_normalization
         model.zero_grad(set_to_none=True)
         loss = trainer.compute_loss(model, batch)
         trainer.accelerator.backward(loss)  # DDP all-reduce: gradients are averaged over the two processes
         grads = {n: p.grad.detach().clone() for n, p in unwrapped.named_parameters() if p.grad is not None}
-        results[loss_type] = {"loss": loss.detach().item(), "grads": grads}
+        results[(loss_type, kl_normalization)] = {"loss": loss.detach().item(), "grads": grads}
     torch.save(
         {
             "rank": rank,

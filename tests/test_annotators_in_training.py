@@ -29,6 +29,7 @@ def _logged(trainer, name):
 
 def _annotator(server, **kwargs):
     kwargs = {"api_key": CANARY, "timeout": 1.0, "max_retries": 1, "backoff_base": 0.01, "backoff_max": 0.05, **kwargs}
+    kwargs.setdefault("span_format", "quotes")
     return OpenAIAnnotator("fake-model", base_url=server.base_url, **kwargs)
 
 
@@ -96,7 +97,7 @@ class _ScriptedSelfAnnotator(SelfAnnotator):
 
 
 def test_bound_self_annotator_drives_routing_in_a_real_run(tiny_model_dir, tiny_tokenizer, tmp_path):
-    annotator = _ScriptedSelfAnnotator(max_new_tokens=32)
+    annotator = _ScriptedSelfAnnotator(max_new_tokens=32, span_format="quotes")
     trainer = _train(tiny_model_dir, tiny_tokenizer, tmp_path, annotator)
     assert annotator._trainer is trainer, "TRACETrainer binds the annotator to itself"
     assert any(v > 0 for v in _logged(trainer, "trace/routed_token_frac"))

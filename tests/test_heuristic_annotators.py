@@ -108,7 +108,14 @@ def test_regex_flags_compiled_patterns_and_diagnosis():
     (annotation,) = annotator([INCORRECT])
     assert _texts(INCORRECT, annotation) == ["We have", "answer"]
     assert annotation.diagnosis == "arithmetic_error"
-    assert RegexAnnotator(key_patterns="x", diagnosis="fixed")([CORRECT])[0].diagnosis == "fixed"
+    # A fixed label must come from the taxonomy and goes only to rollouts of its kind.
+    fixed = RegexAnnotator(key_patterns="x", diagnosis="Key insight")
+    assert [a.diagnosis for a in fixed([CORRECT, INCORRECT])] == ["key_insight", None]
+    with pytest.raises(ValueError, match="taxonomy"):
+        RegexAnnotator(key_patterns="x", diagnosis="fixed")
+    # A computed label of the wrong kind is dropped and counted.
+    (wrong,) = annotator([CORRECT])
+    assert wrong.diagnosis is None and wrong.usage["dropped_labels"] == 1
 
 
 def test_regex_validation():
@@ -157,7 +164,9 @@ def test_random_spans_deterministic_and_seed_dependent():
 
 
 def test_random_spans_matched_to_another_annotator():
-    like = RegexAnnotator(key_patterns=[r"\d+ \+ \d+"], error_patterns=[RegexAnnotator.EQUATION], diagnosis="d")
+    like = RegexAnnotator(
+        key_patterns=[r"\d+ \+ \d+"], error_patterns=[RegexAnnotator.EQUATION], diagnosis="logical_gap"
+    )
     reference = like(REQUESTS)
     annotations = RandomSpanAnnotator(seed=1, like=like)(REQUESTS)
     _check_in_range(REQUESTS, annotations)

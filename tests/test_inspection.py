@@ -49,7 +49,7 @@ def rollouts_file(tmp_path):
 
 def run_annotate(server, rollouts_file, output, *extra):
     argv = [
-        str(rollouts_file), "-o", str(output), "--annotator", "openai", "--model", "fake", "--base-url", server.base_url,
+        str(rollouts_file), "-o", str(output), "--annotator", "openai", "--span-format", "quotes", "--model", "fake", "--base-url", server.base_url,
         "--prompt-column", "question", "--completion-column", "answer", "--correct-column", "ok",
         "--reference-column", "solution", "--batch-size", "2", "--max-retries", "0", "--quiet", *extra,
     ]  # fmt: skip

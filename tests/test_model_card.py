@@ -159,7 +159,7 @@ def test_trained_model_card_and_saved_state_hold_no_secret(tiny_model_dir, tmp_p
     card = (output_dir / "README.md").read_text()
     assert "TRACE" in card and "2605.10194" in card
     assert "https://github.com/huggingface/trl" in card and "vonwerra2020trl" in card
-    assert "## TRACE settings" in card and "| `kl_coef` | `1.0` |" in card
+    assert "## TRACE settings" in card and "| `kl_coef` | `0.5` |" in card
     assert "`CardSettingsAnnotator` (model=`judge-model`)" in card
     assert "- trace" in card and "- self-distillation" in card
     _assert_clean(card)

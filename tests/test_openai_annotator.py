@@ -51,6 +51,7 @@ def make_request(completion: str = CORRECT, is_correct: bool = True, **kwargs) -
 
 def fast_annotator(server: FakeOpenAIServer, **kwargs) -> OpenAIAnnotator:
     kwargs = {"api_key": CANARY, "timeout": 2.0, "max_retries": 2, "backoff_base": 0.01, "backoff_max": 0.5, **kwargs}
+    kwargs = {"span_format": "quotes", **kwargs}  # these tests exercise the quote protocol
     return OpenAIAnnotator("fake-model", base_url=server.base_url, **kwargs)
 
 
@@ -365,7 +366,9 @@ def test_api_key_never_leaks(server, tmp_path, caplog, monkeypatch):
 
 def test_api_key_from_environment_and_placeholder(server, monkeypatch):
     monkeypatch.setenv("MY_ANNOTATOR_KEY", CANARY)
-    annotator = OpenAIAnnotator("fake-model", base_url=server.base_url, api_key_env="MY_ANNOTATOR_KEY")
+    annotator = OpenAIAnnotator(
+        "fake-model", base_url=server.base_url, api_key_env="MY_ANNOTATOR_KEY", span_format="quotes"
+    )
     annotator([make_request()])
     assert server.requests[-1].headers["authorization"] == f"Bearer {CANARY}"
     restored = pickle.loads(pickle.dumps(annotator))  # the key comes back from the environment, not the pickle
@@ -373,7 +376,7 @@ def test_api_key_from_environment_and_placeholder(server, monkeypatch):
     assert server.requests[-1].headers["authorization"] == f"Bearer {CANARY}"
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    local = OpenAIAnnotator("fake-model", base_url=server.base_url)
+    local = OpenAIAnnotator("fake-model", base_url=server.base_url, span_format="quotes")
     assert "api_key=<unset>" in repr(local)
     local([make_request("x = 2, so 3x = 6", True)])
     assert server.requests[-1].headers["authorization"] == "Bearer EMPTY"

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from trace_trl import TRACEConfig
-from trace_trl.schedule import kl_weight
+from trace_trl.schedule import kl_weight, kl_weight_sq_sum
 
 
 def _w(step, decay, coef=2.0, warmup=10, decay_steps=20):
@@ -56,6 +56,7 @@ def _config(**kwargs):
         ("routed_token_grpo", "both"),
         ("teacher_kind", "frozen"),
         ("annotation_failure", "ignore"),
+        ("kl_normalization", "token"),
     ],
 )
 def test_config_rejects_unknown_choices_naming_field_and_allowed_values(field, value):
@@ -76,6 +77,11 @@ def test_config_rejects_unknown_choices_naming_field_and_allowed_values(field, v
         ("max_teacher_prompt_length", 0),
         ("kl_chunk_size", 0),
         ("privileged_context_column", ""),
+        ("kl_term_clip", 0.0),
+        ("kl_term_clip", -0.05),
+        ("max_routed_fraction", 0.0),
+        ("max_routed_fraction", 1.5),
+        ("teacher_sync_steps", 0),
     ],
 )
 def test_config_rejects_out_of_range_values(field, value):
@@ -90,7 +96,7 @@ def test_config_checks_the_teacher_template():
         _config(teacher_context_template="{{ problem }} {{ answer }}")
     with pytest.raises(ValueError, match="must contain"):
         _config(teacher_context_template="{{ privileged_context }}")
-    assert _config(teacher_context_template="{{ problem }}\n{{ privileged_context }}").kl_coef == 1.0
+    assert _config(teacher_context_template="{{ problem }}\n{{ privileged_context }}").kl_coef == 0.5
 
 
 def test_every_trace_field_has_help_for_the_cli():
@@ -116,6 +122,39 @@ def test_every_trace_field_has_help_for_the_cli():
         "kl_topk",
         "correct_reward_threshold",
         "annotation_failure",
+        "kl_normalization",
+        "kl_term_clip",
+        "max_routed_fraction",
+        "teacher_sync_steps",
     }
     for f in trace_fields:
         assert f.metadata.get("help"), f"{f.name} has no help text"
+
+
+def test_defaults_are_the_papers_trace_fkl():
+    """DESIGN.md section 2: the defaults are the paper's TRACE-FKL settings."""
+    config = _config()
+    assert (config.kl_coef, config.kl_warmup_steps, config.kl_decay_steps, config.kl_decay) == (0.5, 10, 30, "linear")
+    assert (config.key_span_action, config.error_span_action) == ("fkl", "grpo")
+    assert config.routed_token_grpo == "complementary"
+    assert config.kl_normalization == "sequence"
+    assert config.kl_term_clip == 0.05
+    assert config.max_routed_fraction == 0.25
+    assert (config.teacher_kind, config.teacher_sync_steps) == ("synced", 10)
+    # The paper's schedule: 0.5 through step 10, 0.25 at step 25, 0 from step 40.
+    weights = {s: kl_weight(s, coef=0.5, warmup_steps=10, decay_steps=30, decay="linear") for s in (9, 10, 25, 39, 40)}
+    assert weights[9] == weights[10] == 0.5 and weights[25] == pytest.approx(0.25)
+    assert 0 < weights[39] < 0.5 and weights[40] == 0.0
+
+
+def test_squared_weight_sum_follows_the_schedule():
+    paper = dict(coef=0.5, warmup_steps=10, decay_steps=30, decay="linear")
+    assert kl_weight_sq_sum(0, **paper) == pytest.approx(0.25)
+    assert kl_weight_sq_sum(9, **paper) == pytest.approx(2.5)
+    # Warm-up 10 x 0.25, then 0.25 * sum_{m=1}^{30} (m/30)^2 = 0.25 * (30 * 31 * 61 / 6) / 900 over the decay.
+    total = 2.5 + 0.25 * (30 * 31 * 61 / 6) / 900
+    assert kl_weight_sq_sum(39, **paper) == pytest.approx(total)
+    assert kl_weight_sq_sum(40, **paper) == kl_weight_sq_sum(10_000, **paper) == pytest.approx(total)
+    assert kl_weight_sq_sum(99, coef=0.5, warmup_steps=0, decay_steps=0, decay="none") == pytest.approx(25.0)
+    assert kl_weight_sq_sum(5, coef=0.0, warmup_steps=10, decay_steps=0, decay="none") == 0.0
+    assert kl_weight_sq_sum(-1, **paper) == 0.0

@@ -29,7 +29,7 @@ class ScriptedSelfAnnotator(SelfAnnotator):
     """The generation backend replaced by a test double that answers from the fenced rollout it is shown."""
 
     def __init__(self, reply, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"span_format": "quotes", **kwargs})
         self.reply = reply
         self.prompts = []
 
@@ -114,7 +114,7 @@ def test_hf_generate_path_on_a_tiny_model(tiny_model_dir):
         use_vllm=False,
         chat_template_kwargs={"enable_thinking": False},
     )
-    annotator = SelfAnnotator(max_new_tokens=8, batch_size=2)
+    annotator = SelfAnnotator(max_new_tokens=8, batch_size=2, span_format="quotes")
     annotator.bind(trainer)
     batch = requests() + requests()[:1]
     annotations = annotator(batch)
@@ -147,7 +147,9 @@ def test_vllm_colocate_path_uses_its_own_sampling_params(monkeypatch):
     trainer = SimpleNamespace(
         use_vllm=True, vllm_generation=generation, processing_class=_Tokenizer(), chat_template_kwargs={"a": 1}
     )
-    annotator = SelfAnnotator(max_new_tokens=7, temperature=0.5, chat_template_kwargs={"enable_thinking": False})
+    annotator = SelfAnnotator(
+        max_new_tokens=7, temperature=0.5, chat_template_kwargs={"enable_thinking": False}, span_format="quotes"
+    )
     monkeypatch.setattr(
         SelfAnnotator,
         "_vllm_sampling_params",

@@ -58,7 +58,7 @@ def test_privileged_context_reaches_the_teacher_only(
 
 
 def test_resumed_run_continues_the_schedule_and_exposure(tiny_model_dir, tiny_tokenizer, tmp_path):
-    common = dict(max_steps=4, save_strategy="steps", save_steps=1, kl_warmup_steps=1, kl_decay_steps=4)
+    common = dict(max_steps=4, save_strategy="steps", save_steps=1, kl_coef=1.0, kl_warmup_steps=1, kl_decay_steps=4)
     full = _make(tiny_model_dir, tiny_tokenizer, tmp_path / "a", **common)
     full.train()
     weights = {r["step"]: r["trace/kl_weight"] for r in full.state.log_history if "trace/kl_weight" in r}
@@ -74,6 +74,12 @@ def test_resumed_run_continues_the_schedule_and_exposure(tiny_model_dir, tiny_to
     resumed.train(resume_from_checkpoint=checkpoint)
     resumed_weights = {r["step"]: r["trace/kl_weight"] for r in resumed.state.log_history if "trace/kl_weight" in r}
     assert resumed_weights[3] == 0.75 and resumed_weights[4] == 0.5
+    squares = {r["step"]: r["trace/kl_weight_sq_sum"] for r in full.state.log_history if "trace/kl_weight_sq_sum" in r}
+    assert squares[4] == pytest.approx(1.0 + 1.0 + 0.75**2 + 0.5**2)
+    resumed_squares = {
+        r["step"]: r["trace/kl_weight_sq_sum"] for r in resumed.state.log_history if "trace/kl_weight_sq_sum" in r
+    }
+    assert resumed_squares[3] == squares[3] and resumed_squares[4] == squares[4]
     # log_history holds the checkpoint's steps too; look at the steps trained after the resume.
     exposures = {
         r["step"]: r["trace/privileged_exposure"]
@@ -135,18 +141,19 @@ def test_annotation_failure_raise_stops_training(tiny_model_dir, tiny_tokenizer,
     with pytest.raises(RuntimeError, match="4 annotation\\(s\\) failed \\(first: rate limited\\)"):
         trainer.train()
     trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=_failing_annotator, annotation_failure="raise")
-    with pytest.raises(ConnectionError):
+    with pytest.raises(RuntimeError, match="annotator raised ConnectionError") as info:
         trainer.train()
+    assert isinstance(info.value.__cause__, ConnectionError)
 
 
 @pytest.mark.parametrize(
     ("annotator", "error", "match"),
     [
-        (lambda requests: [Annotation()], ValueError, "returned 1 annotations for 4 requests"),
+        (lambda requests: [Annotation()], TypeError, "exactly 4 `trace_trl.annotators.Annotation` .*returned 1 items"),
         (
             lambda requests: [{"spans": []} for _ in requests],
             TypeError,
-            "must return `trace_trl.annotators.Annotation`",
+            "must return a list of exactly 4 `trace_trl.annotators.Annotation` .*items of type dict",
         ),
     ],
 )
@@ -192,10 +199,11 @@ def test_constructor_errors_name_the_problem(tiny_model_dir, tiny_tokenizer, tmp
     )
 
 
-def test_missing_privileged_column_is_a_clear_error(tiny_model_dir, tiny_tokenizer, tmp_path):
-    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, dataset=math_dataset(solution=None))
+def test_missing_privileged_column_is_a_clear_error_at_init(tiny_model_dir, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="no column 'solution' .*Available columns: \\['answer', 'prompt'\\]"):
-        trainer.train()
+        _make(tiny_model_dir, tiny_tokenizer, tmp_path, dataset=math_dataset(solution=None))
+    # Plain GRPO needs no privileged context.
+    _make(tiny_model_dir, tiny_tokenizer, tmp_path, dataset=math_dataset(solution=None), kl_coef=0.0)
 
 
 def test_teacher_prompt_uses_the_students_chat_template_kwargs(tiny_model_dir, tiny_tokenizer, tmp_path):
@@ -253,3 +261,111 @@ def test_every_teacher_kind_trains_with_gradient_checkpointing(
     trainer.train()
     assert all(not torch.equal(v, trainer.model.get_parameter(n)) for n, v in before.items())
     assert any("trace/fkl_mean" in r or "trace/rkl_mean" in r for r in trainer.state.log_history)
+
+
+class _Calculator:
+    """A minimal TRL environment: `reset` plus one tool."""
+
+    def reset(self, **kwargs):
+        return None
+
+    def add(self, a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: The first integer.
+            b: The second integer.
+        """
+        return a + b
+
+
+def test_environment_factory_runs_route_only_some_rows(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """GRPO renders prompts with per-row environment tools; teacher prompts exist only for routed rows."""
+    import copy
+
+    import trl
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    with open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", "qwen3.jinja")) as f:
+        tokenizer.chat_template = f.read()  # a template that renders tools, as TRL requires with environments
+
+    def first_rollout_only(requests):
+        spans = [(Span(0, len(requests[0].completion), "key" if requests[0].is_correct else "error"),)]
+        return [Annotation(spans=s) for s in spans + [()] * (len(requests) - 1)]
+
+    args = trace_config(tmp_path, max_steps=1, teacher_kind="live", error_span_action="rkl", max_routed_fraction=None)
+    trainer = TRACETrainer(
+        model=tiny_model_dir,
+        reward_funcs=parity_reward,
+        args=args,
+        train_dataset=math_dataset(),
+        processing_class=tokenizer,
+        annotator=first_rollout_only,
+        environment_factory=_Calculator,
+    )
+    trainer.train()
+    routed = [r["trace/routed_token_frac"] for r in trainer.state.log_history if "trace/routed_token_frac" in r]
+    assert routed and 0 < routed[0] < 1
+    # The teacher prompt carries the environment's tool schema, like the student's.
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([math_dataset()[0]] * 4)
+    width = batch["completion_ids"].size(1)
+    teacher_prompt = tokenizer.decode(batch["teacher_input_ids"][0, :-width], skip_special_tokens=False)
+    student_prompt = tokenizer.decode(batch["prompt_ids"][0], skip_special_tokens=False)
+    assert '"name": "add"' in student_prompt and '"name": "add"' in teacher_prompt
+
+
+def test_annotator_exception_with_raise_stops_every_process_after_the_global_count(
+    tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch
+):
+    """The exception is raised after the collective that counts failures, so no process is left waiting in it."""
+
+    def broken(requests):
+        raise ConnectionError("annotation server unreachable")
+
+    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=broken, annotation_failure="raise")
+    reduced = []
+    original = trainer._batch_builder.reduce_sum
+
+    def counting_reduce(tensor):
+        reduced.append(tensor.clone())
+        return original(tensor)
+
+    monkeypatch.setattr(trainer._batch_builder, "reduce_sum", counting_reduce)
+    with pytest.raises(RuntimeError, match="annotator raised ConnectionError") as info:
+        trainer.train()
+    assert isinstance(info.value.__cause__, ConnectionError)
+    assert len(reduced) == 1, "the failure count must be reduced (every process joins) before raising"
+
+
+def test_malformed_annotator_answer_raises_whatever_annotation_failure_says(tiny_model_dir, tiny_tokenizer, tmp_path):
+    trainer = _make(
+        tiny_model_dir, tiny_tokenizer, tmp_path, annotator=lambda requests: None, annotation_failure="skip"
+    )
+    with pytest.raises(TypeError, match=r"must return a list of exactly 4 .*Annotation\(\)"):
+        trainer.train()
+
+
+def test_coverage_cap_routes_at_most_the_fraction_and_counts_what_it_removed(tiny_model_dir, tiny_tokenizer, tmp_path):
+    def batch(max_routed_fraction):
+        trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, max_routed_fraction=max_routed_fraction)
+        trainer.model.train()
+        torch.manual_seed(5)
+        out = trainer._generate_and_score_completions([math_dataset()[1]] * 4)
+        return out, trainer._metrics["train"]["trace/cap_removed_tokens"][-1]
+
+    capped, removed = batch(0.25)
+    uncapped, removed_none = batch(None)
+    assert torch.equal(capped["completion_ids"], uncapped["completion_ids"]), "same rollouts"
+    assert removed_none == 0
+    routed_capped = capped["trace_route"] != 0
+    routed_uncapped = uncapped["trace_route"] != 0
+    lengths = capped["completion_mask"].sum(1)
+    for row in range(4):
+        budget = int(0.25 * lengths[row].item())
+        assert routed_capped[row].sum() <= budget
+        # HalfSpanAnnotator marks the first half: the cap keeps the span's first `budget` tokens.
+        kept = torch.nonzero(routed_capped[row]).flatten().tolist()
+        assert kept == torch.nonzero(routed_uncapped[row]).flatten().tolist()[: len(kept)]
+    assert not (routed_capped & ~routed_uncapped).any(), "the cap only removes routed tokens"
+    assert removed == (routed_uncapped.sum() - routed_capped.sum()).item() > 0

@@ -8,6 +8,9 @@ from trainer_helpers import make_trainer, math_dataset, trace_config
 from trl import GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
+from trace_trl.routing import Route
+from trace_trl.spans import TokenLabel
+
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 
@@ -83,7 +86,7 @@ def test_routed_token_grpo_modes_set_per_token_grpo_weights(
 ):
     # kl_weight 0.25 at step 3 of a linear decay from coef 1 over 4 steps, with no warm-up.
     schedule = {"kl_warmup_steps": 0, "kl_decay_steps": 4} if kl_weight < 1 else {}
-    trainer = _trainer(tiny_model_dir, tiny_tokenizer, tmp_path, routed_token_grpo=mode, **schedule)
+    trainer = _trainer(tiny_model_dir, tiny_tokenizer, tmp_path, routed_token_grpo=mode, kl_coef=1.0, **schedule)
     inputs = _batch(trainer)
     trainer.state.global_step = 3 if kl_weight < 1 else 0
     assert trainer.current_kl_weight() == pytest.approx(kl_weight)
@@ -117,6 +120,6 @@ def test_span_actions_choose_the_divergence_per_span_kind(tiny_model_dir, tiny_t
     inputs = _batch(trainer)
     labels, route = inputs["trace_labels"], inputs["trace_route"]
     assert (labels == 1).any() and (labels == 2).any()
-    assert (route[labels == 1] == 2).all(), "key spans routed to reverse KL"
-    assert (route[labels == 2] == 0).all(), "error spans left to GRPO"
-    assert (route[labels == 0] == 0).all()
+    assert (route[labels == TokenLabel.KEY] == Route.RKL).all(), "key spans routed to reverse KL"
+    assert (route[labels == TokenLabel.ERROR] == Route.GRPO).all(), "error spans left to GRPO"
+    assert (route[labels == TokenLabel.NONE] == Route.GRPO).all()

@@ -117,7 +117,15 @@ def test_gradient_comes_only_from_routed_tokens(tiny_model_dir, tiny_tokenizer, 
     trainer = TRACETrainer(
         model=tiny_model_dir,
         reward_funcs=constant_reward,
-        args=trace_config(tmp_path, teacher_kind="base", per_device_train_batch_size=8, num_generations=4),
+        args=trace_config(
+            tmp_path,
+            teacher_kind="base",
+            per_device_train_batch_size=8,
+            num_generations=4,
+            kl_coef=1.0,
+            kl_normalization="grpo",  # the reference below normalizes like GRPO's dapo loss
+            kl_term_clip=None,
+        ),
         train_dataset=math_dataset(),
         processing_class=tiny_tokenizer,
         annotator=HalfSpanAnnotator(),

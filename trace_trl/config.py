@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 import jinja2
 import jinja2.meta
@@ -240,6 +242,49 @@ class TRACEConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self._check_trace_fields()
+
+    @classmethod
+    def from_grpo_config(cls, config: GRPOConfig, **trace_fields: Any) -> TRACEConfig:
+        """A `TRACEConfig` with every setting of an existing `GRPOConfig`, plus TRACE fields.
+
+        `TRACEConfig(**grpo_config.to_dict())` does not work: `to_dict` returns values that `GRPOConfig.__post_init__`
+        derived (e.g. both `generation_batch_size` and `steps_per_generation`), which a new config refuses. This copies
+        the finished `GRPOConfig` as it is and adds the TRACE fields (their defaults, or `trace_fields`), validated.
+
+        Example:
+
+        ```python
+        grpo_args = GRPOConfig(output_dir="qwen3-grpo", learning_rate=1e-6, num_generations=8)
+        trace_args = TRACEConfig.from_grpo_config(grpo_args, kl_coef=0.5, key_span_action="fkl")
+        ```
+        """
+        if not isinstance(config, GRPOConfig):
+            raise TypeError(f"`from_grpo_config` takes a GRPOConfig, got {type(config).__name__}.")
+        own = {f.name: f for f in fields(cls) if f.name not in {g.name for g in fields(GRPOConfig)}}
+        unknown = sorted(set(trace_fields) - set(own))
+        if unknown:
+            grpo_names = [name for name in unknown if hasattr(config, name)]
+            hint = (
+                f" {grpo_names} are GRPOConfig fields: set them on the GRPOConfig before converting."
+                if grpo_names
+                else f" TRACE fields are: {sorted(own)}."
+            )
+            raise TypeError(f"Unknown TRACE field(s) {unknown} for `from_grpo_config`.{hint}")
+        new = cls.__new__(cls)
+        new.__dict__.update(copy.deepcopy(config.__dict__))
+        for name, f in own.items():
+            if name in trace_fields:
+                value = trace_fields[name]
+            elif f.default is not MISSING:
+                value = f.default
+            else:
+                value = f.default_factory()
+            setattr(new, name, value)
+        new._check_trace_fields()
+        return new
+
+    def _check_trace_fields(self) -> None:
         _check_choice("kl_decay", self.kl_decay, KL_DECAYS)
         _check_choice("key_span_action", self.key_span_action, SPAN_ACTIONS)
         _check_choice("error_span_action", self.error_span_action, SPAN_ACTIONS)

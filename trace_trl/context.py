@@ -31,8 +31,9 @@ class TeacherContextBuilder:
 
     Args:
         template (`str`): Jinja2 template with `problem`, `privileged_context` and `diagnosis`.
-        tokenize (`Callable[[list[Prompt]], list[list[int]]]`): prompt tokenizer; the trainer passes GRPO's
-            `_tokenize_prompts` so student and teacher share chat template, tools and `chat_template_kwargs`.
+        tokenize (`Callable[[list[Prompt], list[int]], list[list[int]]]`): prompt tokenizer, given the prompts and their
+            rows in the local batch; the trainer passes GRPO's `_tokenize_prompts` so student and teacher share chat
+            template, tools (per row, with `environment_factory`) and `chat_template_kwargs`.
         encode_text (`Callable[[str], list[int]]`) and decode_text (`Callable[[list[int]], str]`): plain-text
             tokenizer round trip, used to cut the privileged context by tokens.
         max_length (`int` or `None`): longest teacher prompt in tokens.
@@ -41,7 +42,7 @@ class TeacherContextBuilder:
     def __init__(
         self,
         template: str,
-        tokenize: Callable[[list[Prompt]], list[list[int]]],
+        tokenize: Callable[[list[Prompt], list[int]], list[list[int]]],
         encode_text: Callable[[str], list[int]],
         decode_text: Callable[[list[int]], str],
         max_length: int | None,
@@ -72,10 +73,15 @@ class TeacherContextBuilder:
         prompts: Sequence[Prompt],
         privileged_contexts: Sequence[str | None],
         diagnoses: Sequence[str | None],
+        rows: Sequence[int] | None = None,
     ) -> tuple[list[TeacherPrompt], list[list[int]]]:
-        """Render and tokenize teacher prompts, cutting over-long privileged context (never the problem)."""
+        """Render and tokenize teacher prompts, cutting over-long privileged context (never the problem).
+
+        `rows` are the prompts' rows in the local batch (default: `0..n-1`), for per-row tools.
+        """
+        rows = list(range(len(prompts))) if rows is None else list(rows)
         rendered = [self.render(p, c, d) for p, c, d in zip(prompts, privileged_contexts, diagnoses, strict=True)]
-        ids = self._tokenize(rendered) if rendered else []
+        ids = self._tokenize(rendered, rows) if rendered else []
         results = [TeacherPrompt(prompt) for prompt in rendered]
         if self.max_length is None:
             return results, [list(x) for x in ids]
@@ -83,11 +89,11 @@ class TeacherContextBuilder:
         for i, row_ids in enumerate(out_ids):
             if len(row_ids) <= self.max_length:
                 continue
-            results[i], out_ids[i] = self._fit(prompts[i], privileged_contexts[i], diagnoses[i], len(row_ids))
+            results[i], out_ids[i] = self._fit(prompts[i], privileged_contexts[i], diagnoses[i], len(row_ids), rows[i])
         return results, out_ids
 
     def _fit(
-        self, prompt: Prompt, context: str | None, diagnosis: str | None, length: int
+        self, prompt: Prompt, context: str | None, diagnosis: str | None, length: int, row: int
     ) -> tuple[TeacherPrompt, list[int]]:
         context_ids = self._encode_text(context or "")
         # Cut the context by the overflow, re-render, and repeat: chat templates and token merges at the cut make
@@ -97,7 +103,7 @@ class TeacherContextBuilder:
             keep = max(0, keep - (length - self.max_length))
             new_context = self._decode_text(context_ids[:keep]) if keep else None
             prompt_out = self.render(prompt, new_context, diagnosis)
-            row_ids = list(self._tokenize([prompt_out])[0])
+            row_ids = list(self._tokenize([prompt_out], [row])[0])
             length = len(row_ids)
             if length <= self.max_length:
                 return TeacherPrompt(prompt_out, context_truncated=True), row_ids

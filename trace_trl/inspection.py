@@ -340,6 +340,7 @@ def _openai_annotator(args: argparse.Namespace) -> Any:
         temperature=args.temperature,
         max_tokens=args.max_tokens,
         use_json_schema=not args.no_json_schema,
+        span_format=args.span_format,
     )
 
 
@@ -397,6 +398,12 @@ def _annotate_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=0.0)
     run.add_argument("--max-tokens", type=int, default=1024)
     run.add_argument("--no-json-schema", action="store_true", help="do not send response_format=json_schema")
+    run.add_argument(
+        "--span-format",
+        choices=["segments", "quotes"],
+        default="segments",
+        help="annotation protocol (--annotator openai): numbered segments (the paper's) or verbatim quotes",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

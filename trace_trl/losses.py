@@ -11,10 +11,6 @@ from torch.utils.checkpoint import checkpoint
 
 DIVERGENCE_KINDS: tuple[str, ...] = ("fkl", "rkl")
 
-# Route codes of the per-token routing tensor built by the trainer.
-ROUTE_GRPO, ROUTE_FKL, ROUTE_RKL = 0, 1, 2
-ROUTE_CODES: dict[str, int] = {"grpo": ROUTE_GRPO, "fkl": ROUTE_FKL, "rkl": ROUTE_RKL}
-
 
 def token_divergence(
     student_logits: torch.Tensor,
@@ -217,6 +213,33 @@ def normalize_like_grpo(
     if loss_type == "luspo":
         return masked.sum(-1).mean() / g
     raise ValueError(f"Unknown loss_type {loss_type!r}.")
+
+
+def sequence_normalize(
+    per_token: torch.Tensor, mask: torch.Tensor, *, gradient_accumulation_steps: float = 1.0
+) -> torch.Tensor:
+    r"""The paper's sequence-normalized KL loss of one micro-batch, so that an optimizer step's total is exact.
+
+    The KL loss of an optimizer step over its $R$ rollouts (all processes, all accumulation micro-batches) is
+
+    $$\mathcal{L}_{\mathrm{KL}} = \frac{1}{R} \sum_{y} \frac{1}{|y|} \sum_{t \in S_y} D_t,$$
+
+    where $|y|$ counts the rollout's completion tokens in the loss `mask`, $S_y$ its routed tokens (their `per_token`
+    entries; every other entry is 0) and rollouts with nothing routed still count in $R$. A micro-batch of $B$ rows on
+    one of $P$ processes returns $\frac{1}{B G} \sum_{y \in \text{batch}} \frac{1}{|y|} \sum_{t} D_t$ with $G$ =
+    ``gradient_accumulation_steps``: TRL splits every generation batch into equal micro-batches, so $R = B G P$, and
+    the data-parallel gradient average over $P$ processes plus the sum over $G$ micro-batches give exactly
+    $\nabla \mathcal{L}_{\mathrm{KL}}$, whatever `steps_per_generation` is. A rollout with $|y| = 0$ (e.g. a masked
+    truncated completion) contributes 0.
+
+    Args:
+        per_token (`torch.Tensor`): `[B, T]` divergences, 0 where nothing is routed.
+        mask (`torch.Tensor`): `[B, T]` loss mask (completion mask times tool mask).
+        gradient_accumulation_steps (`float`): micro-batches of the current optimizer step ($G$).
+    """
+    lengths = mask.sum(-1).clamp(min=1.0)
+    per_rollout = (per_token * mask).sum(-1) / lengths
+    return per_rollout.sum() / (per_token.size(0) * gradient_accumulation_steps)
 
 
 def grpo_token_weights(routed: torch.Tensor, *, mode: str, kl_weight: float, kl_coef: float) -> torch.Tensor:

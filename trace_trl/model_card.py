@@ -45,6 +45,7 @@ ANNOTATOR_CARD_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "AllTokensAnnotator": ("kind_for_correct", "kind_for_incorrect"),
     "RegexAnnotator": ("key_patterns", "error_patterns", "flags"),
     "RandomSpanAnnotator": ("seed", "span_fraction", "num_spans", "like"),
+    "InvertedSpanAnnotator": ("seed", "fraction"),
     "OpenAIAnnotator": (
         "model",
         "max_concurrency",
@@ -54,8 +55,9 @@ ANNOTATOR_CARD_ATTRIBUTES: dict[str, tuple[str, ...]] = {
         "temperature",
         "max_tokens",
         "use_json_schema",
+        "span_format",
     ),
-    "SelfAnnotator": ("max_new_tokens", "temperature", "top_p", "batch_size", "max_key_spans"),
+    "SelfAnnotator": ("max_new_tokens", "temperature", "top_p", "batch_size", "max_key_spans", "span_format"),
 }
 
 _SECRET_NAME = re.compile(r"(api_?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)

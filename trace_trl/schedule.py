@@ -43,3 +43,23 @@ def kl_weight(step: int, *, coef: float, warmup_steps: int, decay_steps: int, de
         return float(coef * 0.5 * (1.0 + math.cos(math.pi * t)))
     k = EXPONENTIAL_EFOLDS
     return float(coef * (math.exp(-k * t) - math.exp(-k)) / (1.0 - math.exp(-k)))
+
+
+def kl_weight_sq_sum(step: int, *, coef: float, warmup_steps: int, decay_steps: int, decay: str) -> float:
+    r"""$\sum_{k=0}^{\text{step}} w_k^2$: the running sum of squared KL weights through optimizer step ``step``.
+
+    The paper's bound on how far the privileged teacher can pull the policy grows with this sum; like the weight
+    itself it is a pure function of the step, so a resumed run reports the same value. After the decay it stays
+    constant; with ``decay="none"`` it grows as $c^2 (\text{step} + 1)$.
+    """
+    if step < 0:
+        return 0.0
+    if decay == "none" or coef == 0.0:
+        return float(coef) ** 2 * (step + 1) if decay == "none" else 0.0
+    last = min(step, warmup_steps + decay_steps)  # the weight is 0 from warmup + decay on
+    return float(
+        sum(
+            kl_weight(k, coef=coef, warmup_steps=warmup_steps, decay_steps=decay_steps, decay=decay) ** 2
+            for k in range(last + 1)
+        )
+    )

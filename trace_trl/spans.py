@@ -8,6 +8,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Literal
 
 import numpy as np
@@ -341,9 +342,17 @@ def token_char_offsets(completion_ids: Sequence[int], tokenizer: Any) -> list[tu
 # Spans -> token labels
 # ---------------------------------------------------------------------------------------------------------------------
 
-LABEL_NONE = 0
-LABEL_KEY = 1
-LABEL_ERROR = 2
+
+class TokenLabel(IntEnum):
+    """What the annotator marked on a completion token (`token_labels`' values). Which loss the token gets is a
+    separate vocabulary, `trace_trl.routing.Route`."""
+
+    NONE = 0
+    KEY = 1
+    ERROR = 2
+
+
+LABEL_NONE, LABEL_KEY, LABEL_ERROR = TokenLabel.NONE, TokenLabel.KEY, TokenLabel.ERROR
 _KIND_LABELS = {"key": LABEL_KEY, "error": LABEL_ERROR}
 
 

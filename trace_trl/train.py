@@ -43,7 +43,11 @@ ANNOTATORS: tuple[str, ...] = (
     "random_like_self",
     "openai",
     "self",
+    "inverted_openai",
+    "inverted_self",
+    "inverted_regex",
 )
+SPAN_FORMATS: tuple[str, ...] = ("segments", "quotes")
 # Named patterns a recipe may use instead of a raw regular expression (see `RegexAnnotator`).
 REGEX_CONSTANTS: tuple[str, ...] = ("BOXED", "BOXED_CONTENT", "EQUATION", "EQUALS_LINE", "ANSWER_LINE")
 # Recipe keys (at any depth, `env:` included) that hold credentials. They belong in the environment.
@@ -90,8 +94,12 @@ class TraceScriptArguments(ScriptArguments):
         annotator (`str`, *optional*, defaults to `"none"`):
             `"regex"`, `"all_tokens"` (all-token self-OPD baseline), `"random"` (random spans), `"random_like_openai"`
             / `"random_like_self"` (the random-span control: the spans of that annotator moved to random places),
-            `"openai"` (any OpenAI-compatible server), `"self"` (the policy annotates its own rollouts), or `"none"`
-            (only with `kl_coef: 0`, i.e. GRPO).
+            `"openai"` (any OpenAI-compatible server), `"self"` (the policy annotates its own rollouts),
+            `"inverted_openai"` / `"inverted_self"` / `"inverted_regex"` (the inverted control: `random_span_fraction`
+            of each rollout outside that annotator's spans), or `"none"` (only with `kl_coef: 0`, i.e. GRPO).
+        annotator_span_format (`str`, *optional*, defaults to `"segments"`):
+            Protocol of the `"openai"` and `"self"` annotators (and the controls built on them): `"segments"`
+            (numbered segments, the paper's) or `"quotes"` (verbatim quotes).
         annotator_model, annotator_base_url, annotator_api_key_env, annotator_max_concurrency, annotator_timeout,
         annotator_max_retries, annotator_cache_dir, annotator_max_key_spans, annotator_temperature,
         annotator_max_tokens, annotator_extra_body:
@@ -102,7 +110,8 @@ class TraceScriptArguments(ScriptArguments):
         regex_key_patterns, regex_error_patterns (`list[str]`):
             Patterns of the `"regex"` annotator: raw regular expressions or names of `RegexAnnotator` constants.
         random_seed, random_span_fraction, random_num_spans:
-            Settings of the random-span annotators.
+            Settings of the random-span annotators; `random_seed` and `random_span_fraction` (default 0.25, the
+            paper's 25%) also set the inverted controls.
         all_tokens_incorrect (`bool`, *optional*, defaults to `False`):
             `"all_tokens"` only: also give incorrect rollouts an all-token error span.
     """
@@ -165,8 +174,15 @@ class TraceScriptArguments(ScriptArguments):
         default="none",
         metadata={
             "help": "Span annotator: 'regex', 'all_tokens', 'random', 'random_like_openai', 'random_like_self', "
-            "'openai', 'self', or 'none' (GRPO, kl_coef 0).",
+            "'openai', 'self', 'inverted_openai', 'inverted_self', 'inverted_regex', or 'none' (GRPO, kl_coef 0).",
             "choices": list(ANNOTATORS),
+        },
+    )
+    annotator_span_format: str = field(
+        default="segments",
+        metadata={
+            "help": "'openai'/'self' annotator protocol: 'segments' (numbered segments, the paper's) or 'quotes'.",
+            "choices": list(SPAN_FORMATS),
         },
     )
     annotator_model: str | None = field(
@@ -224,9 +240,10 @@ class TraceScriptArguments(ScriptArguments):
         default_factory=list,
         metadata={"help": "'regex' annotator: error-span patterns (regexes or RegexAnnotator constant names)."},
     )
-    random_seed: int = field(default=0, metadata={"help": "Random-span annotators: seed."})
+    random_seed: int = field(default=0, metadata={"help": "Random-span and inverted annotators: seed."})
     random_span_fraction: float = field(
-        default=0.1, metadata={"help": "'random' annotator: fraction of each completion's characters to cover."}
+        default=0.25,
+        metadata={"help": "'random' and 'inverted_*' annotators: fraction of each completion's characters to cover."},
     )
     random_num_spans: int = field(default=1, metadata={"help": "'random' annotator: spans per rollout."})
     all_tokens_incorrect: bool = field(
@@ -237,6 +254,10 @@ class TraceScriptArguments(ScriptArguments):
     def __post_init__(self):
         if self.annotator not in ANNOTATORS:
             raise ValueError(f"`annotator` must be one of {', '.join(ANNOTATORS)}; got {self.annotator!r}.")
+        if self.annotator_span_format not in SPAN_FORMATS:
+            raise ValueError(
+                f"`annotator_span_format` must be one of {', '.join(SPAN_FORMATS)}; got {self.annotator_span_format!r}."
+            )
         if isinstance(self.annotator_extra_body, str):
             try:
                 self.annotator_extra_body = json.loads(self.annotator_extra_body)
@@ -379,6 +400,7 @@ def _openai_annotator(script_args: TraceScriptArguments):
         timeout=script_args.annotator_timeout,
         max_retries=script_args.annotator_max_retries,
         cache_dir=script_args.annotator_cache_dir,
+        span_format=script_args.annotator_span_format,
         **optional,
     )
 
@@ -393,22 +415,34 @@ def _self_annotator(script_args: TraceScriptArguments):
             top_p=script_args.self_annotator_top_p,
             batch_size=script_args.self_annotator_batch_size,
             max_key_spans=script_args.annotator_max_key_spans,
-        )
+        ),
+        span_format=script_args.annotator_span_format,
+    )
+
+
+def _regex(script_args: TraceScriptArguments):
+    from .annotators import RegexAnnotator
+
+    return RegexAnnotator(
+        key_patterns=_patterns(script_args.regex_key_patterns),
+        error_patterns=_patterns(script_args.regex_error_patterns),
     )
 
 
 def build_annotator(script_args: TraceScriptArguments):
     """The annotator a recipe asks for (`None` for `annotator: none`)."""
-    from .annotators import AllTokensAnnotator, RandomSpanAnnotator, RegexAnnotator
+    from .annotators import AllTokensAnnotator, InvertedSpanAnnotator, RandomSpanAnnotator
 
     kind = script_args.annotator
     if kind == "none":
         return None
-    if kind == "regex":
-        return RegexAnnotator(
-            key_patterns=_patterns(script_args.regex_key_patterns),
-            error_patterns=_patterns(script_args.regex_error_patterns),
+    if kind.startswith("inverted_"):
+        bases = {"inverted_openai": _openai_annotator, "inverted_self": _self_annotator, "inverted_regex": _regex}
+        return InvertedSpanAnnotator(
+            bases[kind](script_args), fraction=script_args.random_span_fraction, seed=script_args.random_seed
         )
+    if kind == "regex":
+        return _regex(script_args)
     if kind == "all_tokens":
         return AllTokensAnnotator(kind_for_incorrect="error" if script_args.all_tokens_incorrect else None)
     if kind == "random":

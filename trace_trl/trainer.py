@@ -3,13 +3,13 @@
 It changes as little of `GRPOTrainer` as it can:
 
 - `_calculate_rewards` keeps what GRPO does not return (prompts, completion ids, dataset rows, gathered rewards);
-- `_generate_and_score_completions` calls GRPO, then annotates the local rollouts, maps spans to tokens and builds
-  the teacher inputs, adding them to the batch as `(B, ...)` tensors that survive GRPO's shuffling and splitting;
+- `_generate_and_score_completions` calls GRPO, then `routing.RoutedBatchBuilder` (annotate, label, cap the coverage,
+  build the teacher inputs), adding its tensors to the batch as `(B, ...)` tensors that survive GRPO's shuffling and
+  splitting;
 - `_compute_loss` runs the teacher (no grad), then GRPO's own loss with per-token advantages that route GRPO away
   from KL tokens, capturing the student's hidden states from GRPO's single forward with a hook, and adds the KL
-  channel on routed tokens with GRPO's normalizer;
-- `_save_checkpoint` / `_load_optimizer_and_scheduler` persist the cumulative exposure and the EMA teacher.
-"""
+  channel on routed tokens, sequence-normalized (the paper) or with GRPO's normalizer;
+- `_save_checkpoint` / `_load_optimizer_and_scheduler` persist the cumulative exposure and the teacher's own weights."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,30 +26,21 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import pad
 
-from .annotators.base import Annotation, AnnotationRequest, bind_annotator
+from .annotators.base import bind_annotator
 from .config import TRACEConfig
 from .context import TeacherContextBuilder
-from .losses import (
-    ROUTE_CODES,
-    ROUTE_FKL,
-    ROUTE_GRPO,
-    ROUTE_RKL,
-    grpo_token_weights,
-    normalize_like_grpo,
-    routed_divergence,
-)
+from .losses import grpo_token_weights, normalize_like_grpo, routed_divergence, sequence_normalize
 from .model_card import add_trace_settings
-from .schedule import kl_weight
-from .spans import Span, token_labels
+from .routing import Route, RoutedBatchBuilder
+from .schedule import kl_weight, kl_weight_sq_sum
+from .spans import TokenLabel
 from .teacher import Teacher, causal_lm_of, lm_head_scaling
 
 
 logger = logging.getLogger(__name__)
 
 TRACE_STATE_FILE = "trace_state.json"
-LABEL_OTHER, LABEL_KEY, LABEL_ERROR = 0, 1, 2
 
 _CITATION = """\
 @article{trace2026,
@@ -119,22 +110,20 @@ class TRACETrainer(GRPOTrainer):
         annotator=None,
         **kwargs: Any,
     ):
+        no_args = args is None
         if args is None:
+            # Before building the default config: on a CPU-only machine its bf16 default fails first, hiding this advice.
+            _check_annotator(annotator, None, no_args=True)
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = TRACEConfig(output_dir=f"{model_name.split('/')[-1]}-TRACE")
         elif not isinstance(args, TRACEConfig):
-            hint = " Build it with TRACEConfig(**grpo_config.to_dict())." if isinstance(args, GRPOConfig) else ""
+            hint = (
+                " Convert it with `TRACEConfig.from_grpo_config(grpo_config, kl_coef=..., ...)`."
+                if isinstance(args, GRPOConfig)
+                else ""
+            )
             raise TypeError(f"TRACETrainer needs `args` to be a TRACEConfig, got {type(args).__name__}.{hint}")
-        if annotator is None and args.kl_coef > 0:
-            raise ValueError(
-                "TRACETrainer needs an `annotator` to mark the spans it distills on. Pass e.g. "
-                "`annotator=RegexAnnotator(...)`, `OpenAIAnnotator(...)` or `AllTokensAnnotator()` (all-token "
-                "self-distillation), or set `kl_coef=0` to train plain GRPO."
-            )
-        if annotator is not None and not callable(annotator):
-            raise TypeError(
-                f"`annotator` must be callable as annotator(requests) -> annotations; got {type(annotator).__name__}."
-            )
+        _check_annotator(annotator, args, no_args)
         super().__init__(
             model,
             reward_funcs,
@@ -158,6 +147,7 @@ class TRACETrainer(GRPOTrainer):
                 f"`correctness_reward_func={args.correctness_reward_func!r}` is not one of the reward functions "
                 f"{self.reward_func_names}."
             )
+        _check_privileged_column(train_dataset if train_dataset is not None else self.train_dataset, args)
         _check_sharded_training(self, args)
         _warn_if_resume_is_inexact(args)
         if self._is_vlm and args.kl_coef > 0:
@@ -174,12 +164,20 @@ class TRACETrainer(GRPOTrainer):
         )
         if self.teacher.needs_updates:
             self.add_callback(_TeacherUpdateCallback(self))
-        self._teacher_context = TeacherContextBuilder(
+        teacher_context = TeacherContextBuilder(
             args.teacher_context_template,
-            tokenize=lambda prompts: self._tokenize_prompts(prompts)[0],
+            tokenize=self._tokenize_teacher_prompts,
             encode_text=lambda text: self._tokenizer(text, add_special_tokens=False)["input_ids"],
             decode_text=lambda ids: self._tokenizer.decode(ids),
             max_length=args.max_teacher_prompt_length,
+        )
+        self._batch_builder = RoutedBatchBuilder(
+            args,
+            self._tokenizer,
+            annotator,
+            teacher_context,
+            reduce_sum=lambda t: self.accelerator.reduce(t, "sum"),
+            device=self.accelerator.device,
         )
         self._logit_scale, self._softcap = lm_head_scaling(causal_lm_of(unwrapped).config)
         self._trace_stash: dict[str, Any] | None = None
@@ -200,6 +198,20 @@ class TRACETrainer(GRPOTrainer):
             decay=args.kl_decay,
         )
 
+    def kl_weight_sq_sum(self) -> float:
+        """Sum of the squared KL weights of the optimizer steps so far, current one included (the paper's exposure bound).
+
+        A pure function of the schedule and the step, so it needs no state and resumes exactly.
+        """
+        args = self.args
+        return kl_weight_sq_sum(
+            self.state.global_step,
+            coef=args.kl_coef,
+            warmup_steps=args.kl_warmup_steps,
+            decay_steps=args.kl_decay_steps,
+            decay=args.kl_decay,
+        )
+
     def _kl_channel_active(self) -> bool:
         # The schedule never rises again once it is zero, so a zero now means no routed batch is needed from here on.
         routes_something = self.args.key_span_action != "grpo" or self.args.error_span_action != "grpo"
@@ -212,6 +224,22 @@ class TRACETrainer(GRPOTrainer):
         super()._set_signature_columns_if_needed()
         if self.args.privileged_context_column not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, self.args.privileged_context_column]
+
+    def _tokenize_teacher_prompts(self, prompts: list[Any], rows: list[int]) -> list[list[int]]:
+        """GRPO's prompt tokenization for teacher prompts of some rows of the local batch.
+
+        With `environment_factory`, GRPO renders each prompt with the tools of its row's environment, zipping the
+        prompts with the whole batch's environments; teacher prompts exist only for routed rows, so the environments
+        are narrowed to those rows for the call.
+        """
+        if getattr(self, "environment_factories", None) is None:
+            return self._tokenize_prompts(prompts)[0]
+        batch_environments = self._batch_environments
+        self._batch_environments = [batch_environments[i] for i in rows]
+        try:
+            return self._tokenize_prompts(prompts)[0]
+        finally:
+            self._batch_environments = batch_environments
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -241,177 +269,22 @@ class TRACETrainer(GRPOTrainer):
         return weighted.masked_fill(torch.isnan(local).all(dim=1), math.nan)
 
     def _routed_batch(self, stash: dict[str, Any], output: dict[str, Any]) -> dict[str, torch.Tensor]:
-        device = self.accelerator.device
-        prompts, rows = stash["prompts"], stash["inputs"]
-        completion_ids_list = [list(map(int, ids)) for ids in stash["completion_ids_list"]]
-        n = len(prompts)
-        rewards = self._rollout_rewards(stash["rewards_per_func"], n).float().cpu()
-        correct = (rewards >= self.args.correct_reward_threshold).tolist()  # NaN compares False: unscored = incorrect
-        texts = self._tokenizer.batch_decode(completion_ids_list, skip_special_tokens=True)
-        contexts = self._privileged_contexts(rows)
-        requests = [
-            AnnotationRequest(
-                prompt=prompts[i],
-                completion=texts[i],
-                is_correct=bool(correct[i]),
-                reward=float(rewards[i]),
-                privileged_context=contexts[i],
-                metadata=self._request_metadata(rows[i]),
-            )
-            for i in range(n)
-        ]
-        annotations = self._annotate(requests)
-
-        width = output["completion_ids"].size(1)
-        loss_mask = output["completion_mask"] * output.get("tool_mask", torch.ones_like(output["completion_mask"]))
-        labels = torch.zeros(n, width, dtype=torch.long)
-        dropped = 0
-        for i, annotation in enumerate(annotations):
-            spans, n_dropped = _spans_for_rollout(annotation, correct[i], len(texts[i]))
-            dropped += n_dropped + annotation.dropped_spans
-            if spans:
-                row = token_labels(completion_ids_list[i], spans, self._tokenizer)
-                labels[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        labels = labels.to(device) * loss_mask.long()
-        route = torch.full_like(labels, ROUTE_GRPO)
-        route[labels == LABEL_KEY] = ROUTE_CODES[self.args.key_span_action]
-        route[labels == LABEL_ERROR] = ROUTE_CODES[self.args.error_span_action]
-
-        teacher_ids, teacher_mask, truncated = self._teacher_inputs(
-            prompts, contexts, annotations, (route > 0).any(dim=1).tolist(), output
+        n = len(stash["prompts"])
+        routed = self._batch_builder.build(
+            stash["prompts"],
+            stash["inputs"],
+            stash["completion_ids_list"],
+            self._rollout_rewards(stash["rewards_per_func"], n),
+            output,
         )
-        failures = sum(a.failed for a in annotations)
-        self._log_annotation_metrics(labels, loss_mask, correct, failures, dropped, truncated)
-        self._raise_on_failures(annotations, failures)
-        return {
-            "trace_route": route,
-            "trace_labels": labels,
-            "teacher_input_ids": teacher_ids,
-            "teacher_attention_mask": teacher_mask,
-        }
-
-    def _privileged_contexts(self, rows: Sequence[dict[str, Any]]) -> list[str | None]:
-        column = self.args.privileged_context_column
-        if rows and column not in rows[0]:
-            raise ValueError(
-                f"The training dataset has no column {column!r} (`privileged_context_column`), which holds the "
-                f"privileged context the teacher sees. Available columns: {sorted(rows[0])}. Add the column or set "
-                "`privileged_context_column` to the right name."
-            )
-        contexts = []
-        for row in rows:
-            value = row.get(column)
-            contexts.append(None if value is None or (isinstance(value, str) and not value.strip()) else str(value))
-        return contexts
-
-    def _request_metadata(self, row: dict[str, Any]) -> dict[str, Any]:
-        skip = {"prompt", self.args.privileged_context_column}
-        return {k: v for k, v in row.items() if k not in skip and isinstance(v, str | int | float | bool)}
-
-    def _annotate(self, requests: list[AnnotationRequest]) -> list[Annotation]:
-        """Call the annotator; a crash becomes per-rollout failures unless `annotation_failure="raise"`."""
-        try:
-            annotations = self.annotator(requests)
-        except Exception as exc:
-            if self.args.annotation_failure == "raise":
-                raise
-            logger.warning(
-                "Annotator raised %s: %s; these %d rollouts train as GRPO.", type(exc).__name__, exc, len(requests)
-            )
-            return [Annotation.failure(f"{type(exc).__name__}: {exc}") for _ in requests]
-        annotations = list(annotations)
-        if len(annotations) != len(requests):
-            raise ValueError(
-                f"The annotator returned {len(annotations)} annotations for {len(requests)} requests; it must return "
-                "exactly one per request, in order."
-            )
-        for annotation in annotations:
-            if not isinstance(annotation, Annotation):
-                raise TypeError(
-                    f"The annotator must return `trace_trl.annotators.Annotation` objects, got {type(annotation).__name__}."
-                )
-        return annotations
-
-    def _raise_on_failures(self, annotations: list[Annotation], local_failures: int) -> None:
-        if self.args.annotation_failure != "raise":
-            return
-        # Decided on the global count so that every process raises together instead of leaving others in a collective.
-        total = self.accelerator.reduce(torch.tensor(float(local_failures), device=self.accelerator.device), "sum")
-        if total.item() > 0:
-            errors = [a.error for a in annotations if a.failed]
-            detail = errors[0] if errors else "on another process"
-            raise RuntimeError(
-                f"{int(total.item())} annotation(s) failed (first: {detail}). Set `annotation_failure='skip'` to train "
-                "these rollouts as plain GRPO instead."
-            )
-
-    def _teacher_inputs(
-        self,
-        prompts: list[Any],
-        contexts: list[str | None],
-        annotations: list[Annotation],
-        routed_rows: list[bool],
-        output: dict[str, Any],
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """`[teacher prompt | student completion]` ids and attention mask; empty prompts for rows with no routed token."""
-        device = self.accelerator.device
-        chosen = [i for i, routed in enumerate(routed_rows) if routed]
-        built, ids = self._teacher_context.build(
-            [prompts[i] for i in chosen], [contexts[i] for i in chosen], [annotations[i].diagnosis for i in chosen]
-        )
-        rows: list[list[int]] = [[] for _ in prompts]
-        for i, row_ids in zip(chosen, ids, strict=True):
-            rows[i] = row_ids
-        truncated = sum(b.context_truncated for b in built)
-        if any(b.over_length for b in built):
-            logger.warning(
-                "%d teacher prompt(s) exceed max_teacher_prompt_length=%s even without privileged context; the problem "
-                "is kept whole.",
-                sum(b.over_length for b in built),
-                self.args.max_teacher_prompt_length,
-            )
-        if truncated:
-            logger.warning(
-                "Cut the privileged context of %d teacher prompt(s) to max_teacher_prompt_length.", truncated
-            )
-        pad_id = self._tokenizer.pad_token_id
-        tensors = [torch.tensor(r, dtype=torch.long) for r in rows]
-        prompt_ids = pad(tensors, padding_value=pad_id, padding_side="left").to(device)
-        prompt_mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left").to(device)
-        input_ids = torch.cat([prompt_ids, output["completion_ids"]], dim=1)
-        attention_mask = torch.cat([prompt_mask.long(), output["completion_mask"].long()], dim=1)
-        return input_ids, attention_mask, truncated
-
-    def _log_annotation_metrics(self, labels, loss_mask, correct, failures, dropped, truncated) -> None:
-        device = self.accelerator.device
-        local = torch.tensor(
-            [
-                float((labels == LABEL_KEY).sum()),
-                float((labels == LABEL_ERROR).sum()),
-                float(loss_mask.sum()),
-                float(failures),
-                float(dropped),
-                float(sum(correct)),
-                float(len(correct)),
-                float(truncated),
-            ],
-            device=device,
-        )
-        key, error, tokens, failures_, dropped_, n_correct, n, truncated_ = self.accelerator.reduce(
-            local, "sum"
-        ).tolist()
         metrics = self._metrics["train"]
-        metrics["trace/key_token_frac"].append(key / max(tokens, 1.0))
-        metrics["trace/error_token_frac"].append(error / max(tokens, 1.0))
-        metrics["trace/annotation_failures"].append(failures_)
-        metrics["trace/annotation_failure_rate"].append(failures_ / max(n, 1.0))
-        metrics["trace/dropped_spans"].append(dropped_)
-        metrics["trace/correct_frac"].append(n_correct / max(n, 1.0))
-        metrics["trace/teacher_context_truncated"].append(truncated_)
+        for name, value in routed.metrics.items():
+            metrics[name].append(value)
         annotator_metrics = getattr(self.annotator, "metrics", None)
         if callable(annotator_metrics):
             for name, value in annotator_metrics().items():
                 metrics[name if "/" in name else f"annotator/{name}"].append(float(value))
+        return routed.tensors
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -422,11 +295,12 @@ class TRACETrainer(GRPOTrainer):
         weight = self.current_kl_weight() if training else 0.0
         if training:
             self._metrics["train"]["trace/kl_weight"].append(weight)
+            self._metrics["train"]["trace/kl_weight_sq_sum"].append(self.kl_weight_sq_sum())
         if route is None or weight == 0.0:
             return super()._compute_loss(model, inputs)
 
         mask = inputs["completion_mask"] * inputs.get("tool_mask", torch.ones_like(inputs["completion_mask"]))
-        routed = (route > ROUTE_GRPO) & mask.bool()
+        routed = (route != Route.GRPO) & mask.bool()
         # A global decision: under ZeRO-3 / FSDP the teacher forward gathers weights, a collective every process joins.
         any_routed = self.accelerator.reduce(routed.any().float().reshape(1), "sum").item() > 0
         if not any_routed:
@@ -457,7 +331,7 @@ class TRACETrainer(GRPOTrainer):
         teacher_head = _full_head(*teacher_head)
         per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         sums = []
-        for code, kind in ((ROUTE_FKL, "fkl"), (ROUTE_RKL, "rkl")):
+        for code, kind in ((Route.FKL, "fkl"), (Route.RKL, "rkl")):
             selected = kinds == code
             divergence = routed_divergence(
                 student_hidden[selected],
@@ -473,7 +347,12 @@ class TRACETrainer(GRPOTrainer):
             )
             per_token = per_token.index_put((rows[selected], cols[selected]), divergence)
             sums += [divergence.detach().sum(), selected.sum().float()]
-        kl_loss = self.normalize_like_grpo(per_token, mask, inputs)
+        if self.args.kl_normalization == "sequence":
+            kl_loss = sequence_normalize(
+                per_token, mask, gradient_accumulation_steps=self.current_gradient_accumulation_steps
+            )
+        else:
+            kl_loss = self.normalize_like_grpo(per_token, mask, inputs)
         self._log_loss_metrics(sums, routed, mask, inputs["trace_labels"], captured.get("entropy"), weight)
         return loss + weight * kl_loss
 
@@ -547,7 +426,7 @@ class TRACETrainer(GRPOTrainer):
         local = [*sums, routed.sum().float(), mask_f.sum()]
         if entropy is None:
             entropy = torch.zeros_like(mask_f)
-        for label in (LABEL_KEY, LABEL_ERROR, LABEL_OTHER):
+        for label in (TokenLabel.KEY, TokenLabel.ERROR, TokenLabel.NONE):
             selected = (labels == label).float() * mask_f
             local += [(entropy * selected).sum(), selected.sum()]
         totals = self.accelerator.reduce(torch.stack([t.float() for t in local]), "sum").tolist()
@@ -616,13 +495,15 @@ def _full_head(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.T
 
 
 def _check_sharded_training(trainer: TRACETrainer, args: TRACEConfig) -> None:
-    """Refuse full fine-tuning under ZeRO-3 / FSDP with the KL channel on; warn that LoRA there is unverified.
+    """Refuse the KL channel under ZeRO-3 / FSDP until it runs inside the wrapped module's forward.
 
-    The KL channel reads `lm_head.weight` directly, outside the model's forward. For a frozen head (LoRA) that only
-    needs the weight gathered (the chunked kernel does it under ZeRO-3; FSDP2 DTensors are materialized in
-    `_compute_loss`). A trained head under ZeRO-3 / FSDP would also need its gradient reduced by the engine, which only
-    happens for losses computed inside the wrapped module's forward (TRL's `_ForwardRedirection`); TRACE does not do
-    that yet, so the head's KL gradient could be silently wrong.
+    The KL channel reads `lm_head.weight` directly, outside the model's forward, and the teacher forward calls the inner
+    decoder. Under ZeRO-3 / FSDP that breaks in two ways: a trained head (full fine-tuning) would not get its gradient
+    reduced by the engine, and processes that route different numbers of tokens would make different numbers of
+    weight-gathering collectives (the chunked divergence gathers per chunk; a process with nothing routed gathers
+    nothing), which can deadlock even with LoRA; under FSDP2 the teacher forward also skips the root module's
+    pre-forward that unshards the embeddings. Until TRACE computes the channel inside the wrapped forward (TRL's
+    `_ForwardRedirection`) with the same collectives on every process, both are refused with plain GRPO still allowed.
     """
     if args.kl_coef == 0:
         return
@@ -634,15 +515,56 @@ def _check_sharded_training(trainer: TRACETrainer, args: TRACEConfig) -> None:
     if not (zero3 or fsdp):
         return
     engine = "DeepSpeed ZeRO-3" if zero3 else "FSDP"
-    if not is_peft_model(trainer.accelerator.unwrap_model(trainer.model)):
-        raise NotImplementedError(
-            f"TRACE's KL channel with full fine-tuning under {engine} is not supported: the routed divergence reads "
-            "the LM head outside the model's forward, so the engine would not reduce the head's gradient. Use LoRA "
-            "(`peft_config=`), DDP or DeepSpeed ZeRO-1/2, or set `kl_coef=0` for plain GRPO. See docs/scaling.md."
-        )
-    logger.warning(
-        "TRACE with LoRA under %s has not been verified on real hardware (only DDP was); see docs/scaling.md.", engine
+    lora = is_peft_model(trainer.accelerator.unwrap_model(trainer.model))
+    reason = (
+        "processes that route different numbers of tokens would make different numbers of weight-gathering "
+        "collectives (a deadlock) and the teacher forward bypasses the root module's unsharding"
+        if lora
+        else "the routed divergence reads the LM head outside the model's forward, so the engine would not reduce "
+        "the head's gradient"
     )
+    raise NotImplementedError(
+        f"TRACE's KL channel under {engine} ({'LoRA' if lora else 'full fine-tuning'}) is not supported yet: {reason}. "
+        "Use DDP or DeepSpeed ZeRO-1/2 (e.g. examples/accelerate/zero2.yaml), or set `kl_coef=0` for plain GRPO. See "
+        "docs/scaling.md."
+    )
+
+
+def _check_privileged_column(dataset: Any, args: TRACEConfig) -> None:
+    """A missing privileged-context column is an error at init, not after the first rollouts are generated."""
+    columns = getattr(dataset, "column_names", None)
+    if args.kl_coef == 0 or not isinstance(columns, list) or args.privileged_context_column in columns:
+        return
+    raise ValueError(
+        f"The training dataset has no column {args.privileged_context_column!r} (`privileged_context_column`), which "
+        f"holds the privileged context the teacher sees. Available columns: {sorted(columns)}. Add the column or set "
+        "`privileged_context_column` to the right name."
+    )
+
+
+def _check_annotator(annotator: Any, args: TRACEConfig | None, no_args: bool) -> None:
+    """Errors that would otherwise come only after the model loads and a rollout is generated."""
+    if annotator is None:
+        if args is not None and args.kl_coef == 0:
+            return
+        grpo_hint = (
+            "pass `args=TRACEConfig(output_dir=..., kl_coef=0)` to train plain GRPO"
+            if no_args
+            else "set `kl_coef=0` in your TRACEConfig to train plain GRPO"
+        )
+        raise ValueError(
+            "TRACETrainer needs an `annotator` to mark the spans it distills on. Pass e.g. "
+            "`annotator=RegexAnnotator(key_patterns=[RegexAnnotator.BOXED])`, `OpenAIAnnotator(model=...)` or "
+            f"`AllTokensAnnotator()` (all-token self-distillation), or {grpo_hint}."
+        )
+    if isinstance(annotator, type):
+        raise TypeError(
+            f"`annotator` is the class {annotator.__name__}, not an instance: pass `annotator={annotator.__name__}(...)`."
+        )
+    if not callable(annotator):
+        raise TypeError(
+            f"`annotator` must be callable as annotator(requests) -> list[Annotation]; got {type(annotator).__name__}."
+        )
 
 
 def _warn_if_resume_is_inexact(args: TRACEConfig) -> None:
@@ -662,15 +584,6 @@ def _warn_if_resume_is_inexact(args: TRACEConfig) -> None:
             args.num_iterations,
             args.gradient_accumulation_steps,
         )
-
-
-def _spans_for_rollout(annotation: Annotation, is_correct: bool, text_length: int) -> tuple[list[Span], int]:
-    """Spans that count for this rollout (key if correct, error if not, inside the text) and how many were dropped."""
-    if annotation.failed:
-        return [], 0
-    wanted = "key" if is_correct else "error"
-    kept = [s for s in annotation.spans if s.kind == wanted and s.start < text_length and s.end > s.start]
-    return kept, len(annotation.spans) - len(kept)
 
 
 class _TeacherUpdateCallback(TrainerCallback):

@@ -1,8 +1,8 @@
 """The annotator protocol: the one deliberate extension point of trace-trl.
 
 An annotator reads rollouts and marks where the privileged teacher should speak: key spans in correct rollouts,
-error spans in incorrect ones, and optionally a coarse diagnosis label that is shown to the teacher (the span text
-never is). Any callable ``annotator(requests) -> annotations`` works; classes may also implement ``bind(trainer)``
+error spans in incorrect ones, and optionally a coarse type label (`Annotation.diagnosis`, see `taxonomy`) that is
+shown to the teacher (the span text and positions never are). Any callable ``annotator(requests) -> annotations`` works; classes may also implement ``bind(trainer)``
 to reach the policy, its tokenizer or its generation backend.
 """
 
@@ -62,7 +62,10 @@ class Annotation:
         spans (`tuple[Span, ...]`):
             Character spans of the completion text, each ``"key"`` or ``"error"``.
         diagnosis (`str`, *optional*):
-            A coarse label of what went wrong or right (e.g. ``"arithmetic_error"``); shown to the teacher.
+            The coarse **type label** of the rollout, from the taxonomy of its kind (`annotators.taxonomy`:
+            ``KEY_STEP_TYPES`` for a correct rollout, e.g. ``"case_analysis"``; ``ERROR_TYPES`` for an incorrect one,
+            e.g. ``"arithmetic_error"``). The only part of the annotation shown to the teacher, in the words of
+            `describe_type_label`; check it with `check_type_label`.
         error (`str`, *optional*):
             Set when annotation failed; the rollout then trains as pure GRPO (see ``annotation_failure``).
         dropped_spans (`int`):

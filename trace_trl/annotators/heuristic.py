@@ -1,7 +1,7 @@
-"""Annotators that need no model: the all-token baseline, regular expressions, and the random-span control.
+"""Annotators that need no model: the all-token baseline, regular expressions, and the random and inverted controls.
 
 All of them are deterministic and cheap, which makes them the baselines of the paper's comparisons (all-token self-OPD,
-random spans of matched length) and handy for tests and smoke runs.
+random 25% of the tokens, the inverted 25% outside the key spans) and handy for tests and smoke runs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from ..spans import SPAN_KINDS, Span
 from .base import Annotation, AnnotationRequest, bind_annotator
+from .taxonomy import ERROR_TYPES, KEY_STEP_TYPES, check_type_label, normalize_type_label, type_label_dropped
 
 
 Diagnosis = str | Callable[[AnnotationRequest], "str | None"] | None
@@ -25,8 +26,12 @@ def _check_kind(name: str, kind: str | None) -> None:
         raise ValueError(f"`{name}` must be one of {SPAN_KINDS} or None, got {kind!r}.")
 
 
-def _diagnosis_for(diagnosis: Diagnosis, request: AnnotationRequest) -> str | None:
-    return diagnosis(request) if callable(diagnosis) else diagnosis
+def _diagnosis_for(diagnosis: Diagnosis, request: AnnotationRequest) -> tuple[str | None, int]:
+    """The type label for `request` (checked against its kind's taxonomy) and 1 when a computed label was invalid."""
+    label = diagnosis(request) if callable(diagnosis) else diagnosis
+    return check_type_label(label, request.is_correct), int(
+        callable(diagnosis) and type_label_dropped(label, request.is_correct)
+    )
 
 
 def _check_diagnosis(diagnosis: Any) -> None:
@@ -34,6 +39,14 @@ def _check_diagnosis(diagnosis: Any) -> None:
         raise ValueError(
             f"`diagnosis` must be a string, a callable(request) -> str | None, or None, got {diagnosis!r}."
         )
+    if isinstance(diagnosis, str):
+        label = normalize_type_label(diagnosis)
+        if label not in KEY_STEP_TYPES and label not in ERROR_TYPES:
+            raise ValueError(
+                f"`diagnosis` must be a type label of the taxonomy (trace_trl.annotators.taxonomy): one of "
+                f"{sorted(KEY_STEP_TYPES)} for correct rollouts or {sorted(ERROR_TYPES)} for incorrect ones; got "
+                f"{diagnosis!r}."
+            )
 
 
 class AllTokensAnnotator:
@@ -126,7 +139,10 @@ class RegexAnnotator:
         flags (`int`, *optional*, defaults to `0`):
             `re` flags added to every pattern (compiled patterns keep their own flags too).
         diagnosis (`str` or `Callable[[AnnotationRequest], str | None]`, *optional*):
-            Diagnosis label to attach to every annotation, or a function computing it per request.
+            Type label (`annotators.taxonomy`) to attach, or a function computing it per request. A label goes only to
+            rollouts of its taxonomy's kind (a key-step label to correct rollouts, an error label to incorrect ones);
+            a fixed label outside both taxonomies is a `ValueError`, and a computed one that does not fit the
+            rollout's kind becomes `None`, counted in `usage["dropped_labels"]`.
 
     Example:
 
@@ -188,7 +204,9 @@ class RegexAnnotator:
                 spans = self._find(self.key_patterns, request.completion, "key")
             else:
                 spans = self._find(self.error_patterns, request.completion, "error")
-            annotations.append(Annotation(spans=spans, diagnosis=_diagnosis_for(self.diagnosis, request)))
+            label, dropped = _diagnosis_for(self.diagnosis, request)
+            usage = {"dropped_labels": dropped} if dropped else {}
+            annotations.append(Annotation(spans=spans, diagnosis=label, usage=usage))
         return annotations
 
 
@@ -233,8 +251,8 @@ class RandomSpanAnnotator:
 
     Two modes:
 
-    - alone: each rollout gets `num_spans` non-overlapping spans (key in correct rollouts, error in incorrect ones)
-      covering about `span_fraction` of its characters in total: `round(span_fraction * len(completion))` characters,
+    - alone (the paper's random-25% control with the defaults): each rollout gets `num_spans` non-overlapping spans
+      (key in correct rollouts, error in incorrect ones) covering about `span_fraction` of its characters in total: `round(span_fraction * len(completion))` characters,
       split as evenly as possible (fewer spans when there are fewer characters than spans);
     - `like=annotator`: the other annotator is called first, and each rollout gets the **same number of spans with the
       same lengths and kinds** at random positions (non-overlapping when their total length fits), so that only the
@@ -249,7 +267,7 @@ class RandomSpanAnnotator:
     Args:
         seed (`int`, *optional*, defaults to `0`):
             Seed of the control.
-        span_fraction (`float`, *optional*, defaults to `0.1`):
+        span_fraction (`float`, *optional*, defaults to `0.25`):
             Fraction of the completion's characters to cover, in `[0, 1]` (ignored with `like`).
         num_spans (`int`, *optional*, defaults to `1`):
             Number of spans per rollout, at least 1 (ignored with `like`).
@@ -260,7 +278,7 @@ class RandomSpanAnnotator:
     def __init__(
         self,
         seed: int = 0,
-        span_fraction: float = 0.1,
+        span_fraction: float = 0.25,
         num_spans: int = 1,
         like: Callable[[Sequence[AnnotationRequest]], list[Annotation]] | None = None,
     ) -> None:
@@ -322,3 +340,141 @@ class RandomSpanAnnotator:
             spans = _place(rng, length, pieces) if length > 0 else []
             annotations.append(dataclasses.replace(reference, spans=tuple(spans)))
         return annotations
+
+
+def _merge(intervals: Iterable[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """The union of `intervals`, clipped to `[0, length)`, as sorted disjoint non-empty intervals."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted((max(0, s), min(length, e)) for s, e in intervals):
+        if start >= end:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _complement(covered: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    gaps, position = [], 0
+    for start, end in covered:
+        if start > position:
+            gaps.append((position, start))
+        position = end
+    if position < length:
+        gaps.append((position, length))
+    return gaps
+
+
+def _window(gaps: list[tuple[int, int]], offset: int, size: int) -> list[tuple[int, int]]:
+    """Characters `offset .. offset + size` of the text formed by the `gaps` laid end to end, as real intervals."""
+    pieces = []
+    for start, end in gaps:
+        if size <= 0:
+            break
+        width = end - start
+        if offset >= width:
+            offset -= width
+            continue
+        take = min(width - offset, size)
+        pieces.append((start + offset, start + offset + take))
+        size -= take
+        offset = 0
+    return pieces
+
+
+class InvertedSpanAnnotator:
+    """The paper's inverted control: as many characters as `fraction` of the rollout, outside the base's spans.
+
+    The base annotator is called first. For each rollout, its spans of the rollout's own kind (key spans of a correct
+    rollout, error spans of an incorrect one) are the *inside*; the characters of the completion outside them, laid
+    end to end, form the *outside*. The control marks a window of `round(fraction * len(completion))` consecutive
+    outside characters at a random offset: one or more spans of the same kind (one per stretch of text between base
+    spans it crosses), none overlapping a base span. When the outside is shorter than the target, all of it is marked
+    and the shortfall is counted (`usage["inverted_shortfall_chars"]`, `metrics()`).
+
+    Lengths are in characters, a proxy for tokens (spans are character ranges; the trainer labels every token a span
+    touches, and its coverage cap counts tokens). The base's type label and bookkeeping (`dropped_spans`, usage) are
+    kept; its spans are replaced; its failures pass through unchanged. Randomness is seeded per request as in
+    `RandomSpanAnnotator` (same request and seed, same spans, in any process or batch order).
+
+    Args:
+        base (`Callable[[list[AnnotationRequest]], list[Annotation]]`):
+            The annotator whose spans to avoid (e.g. `OpenAIAnnotator`); `bind` is forwarded to it.
+        fraction (`float`, *optional*, defaults to `0.25`):
+            Fraction of each completion's characters to mark, in `[0, 1]`.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the control.
+    """
+
+    def __init__(
+        self,
+        base: Callable[[Sequence[AnnotationRequest]], list[Annotation]],
+        fraction: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        if not callable(base):
+            raise ValueError(f"`base` must be an annotator (a callable on a list of requests), got {base!r}.")
+        is_number = isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+        if not is_number or not 0 <= fraction <= 1:
+            raise ValueError(f"`fraction` must be a number in [0, 1], got {fraction!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"`seed` must be an int, got {seed!r}.")
+        self.base = base
+        self.fraction = float(fraction)
+        self.seed = seed
+        self._short_rollouts = 0
+        self._shortfall_chars = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={self.base!r}, fraction={self.fraction}, seed={self.seed})"
+
+    def bind(self, trainer: Any) -> None:
+        """Forward the trainer to the base annotator, which may need the policy (e.g. `SelfAnnotator`)."""
+        bind_annotator(self.base, trainer)
+
+    def metrics(self) -> dict[str, float]:
+        """The base annotator's metrics plus `annotator/inverted_short_rollouts` (rollouts whose outside was smaller
+        than the target) and `annotator/inverted_shortfall_chars` (characters missing from the target in total)."""
+        base_metrics = getattr(self.base, "metrics", None)
+        metrics = dict(base_metrics()) if callable(base_metrics) else {}
+        metrics["annotator/inverted_short_rollouts"] = self._short_rollouts
+        metrics["annotator/inverted_shortfall_chars"] = self._shortfall_chars
+        return metrics
+
+    def reset_metrics(self) -> None:
+        reset = getattr(self.base, "reset_metrics", None)
+        if callable(reset):
+            reset()
+        self._short_rollouts = self._shortfall_chars = 0
+
+    def invert(self, request: AnnotationRequest, reference: Annotation) -> Annotation:
+        """The control's annotation of one rollout, given the base's annotation of it."""
+        if reference.failed:
+            return reference
+        length = len(request.completion)
+        kind = "key" if request.is_correct else "error"
+        inside = _merge(((span.start, span.end) for span in reference.spans if span.kind == kind), length)
+        gaps = _complement(inside, length)
+        outside = sum(end - start for start, end in gaps)
+        target = round(self.fraction * length)
+        size = min(target, outside)
+        shortfall = target - size
+        rng = random.Random(_request_seed(self.seed, request))
+        offset = rng.randint(0, outside - size)
+        spans = tuple(Span(start, end, kind) for start, end in _window(gaps, offset, size))
+        usage = dict(reference.usage)
+        if shortfall:
+            usage["inverted_shortfall_chars"] = shortfall
+            self._short_rollouts += 1
+            self._shortfall_chars += shortfall
+        return dataclasses.replace(reference, spans=spans, usage=usage)
+
+    def __call__(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
+        requests = list(requests)
+        references = list(self.base(requests))
+        if len(references) != len(requests):
+            raise ValueError(
+                f"The base annotator returned {len(references)} annotations for {len(requests)} requests."
+            )
+        return [self.invert(request, reference) for request, reference in zip(requests, references)]

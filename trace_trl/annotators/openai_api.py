@@ -22,8 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from .base import Annotation, AnnotationRequest
 from .cache import AnnotationCache, request_cache_key
-from .parsing import AnnotationParseError, AnnotatorStats, parse_annotation
-from .prompts import RESPONSE_SCHEMA, build_messages, prompt_fingerprint, validate_template
+from .parsing import AnnotationParseError, AnnotatorStats
+from .prompts import (
+    RESPONSE_SCHEMA,
+    prompt_fingerprint,
+    segment_prompt_fingerprint,
+    segment_response_schema,
+    validate_template,
+)
+from .protocol import SEGMENT_REASK_MESSAGE, check_span_format, parse_protocol_answer, protocol_request
+from .segments import DEFAULT_MAX_SEGMENT_CHARS, check_max_segment_chars
 
 
 if TYPE_CHECKING:
@@ -89,6 +97,12 @@ class OpenAIAnnotator:
             When an answer holds no usable JSON, ask once more (showing the model its answer) before failing.
         extra_body (`dict`, *optional*):
             Extra request fields, e.g. `{"chat_template_kwargs": {"enable_thinking": False}}` for a vLLM server.
+        span_format (`str`, *optional*, defaults to `"segments"`):
+            `"segments"` (the paper's protocol): the rollout is shown as numbered segments and the model answers
+            segment numbers, their kind and a type label from the taxonomy (`annotators.taxonomy`); `"quotes"`: the
+            model quotes the rollout verbatim (prompt `trace-annotator-v1`, unchanged). See `annotators.protocol`.
+        max_segment_chars (`int`, *optional*, defaults to `300`):
+            `"segments"` only: lines longer than this are split at sentence ends (`segments.split_segments`).
     """
 
     def __init__(
@@ -112,6 +126,8 @@ class OpenAIAnnotator:
         use_json_schema: bool = True,
         reask_on_malformed: bool = False,
         extra_body: dict[str, Any] | None = None,
+        span_format: str = "segments",
+        max_segment_chars: int = DEFAULT_MAX_SEGMENT_CHARS,
     ) -> None:
         try:
             import openai  # noqa: F401
@@ -138,6 +154,9 @@ class OpenAIAnnotator:
         self.use_json_schema = use_json_schema
         self.reask_on_malformed = reask_on_malformed
         self.extra_body = dict(extra_body or {})
+        self.span_format = check_span_format(span_format)
+        check_max_segment_chars(max_segment_chars)
+        self.max_segment_chars = max_segment_chars
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._cache = AnnotationCache(self.cache_dir) if self.cache_dir is not None else None
         # Flipped off for good the first time the server rejects structured outputs.
@@ -167,7 +186,28 @@ class OpenAIAnnotator:
 
     @property
     def config_fingerprint(self) -> str:
-        """Everything the answer depends on besides the request; hashed into every cache key. Holds no secret."""
+        """Everything the answer depends on besides the request; hashed into every cache key. Holds no secret.
+
+        The quote protocol's fingerprint is exactly what it was before `span_format` existed, so its cache stays valid.
+        """
+        if self.span_format == "segments":
+            return json.dumps(
+                {
+                    "model": self.model,
+                    "span_format": self.span_format,
+                    "prompt": segment_prompt_fingerprint(
+                        self.prompt_template, self.system_prompt, self.max_key_spans, self.max_segment_chars
+                    ),
+                    "temperature": self.temperature,
+                    "max_tokens": self.max_tokens,
+                    "schema": [segment_response_schema(True), segment_response_schema(False)]
+                    if self.use_json_schema
+                    else None,
+                    "extra_body": self.extra_body,
+                },
+                sort_keys=True,
+                default=str,
+            )
         return json.dumps(
             {
                 "model": self.model,
@@ -263,7 +303,9 @@ class OpenAIAnnotator:
         except Exception as exc:
             logger.warning("Annotation cache write failed (%s); these annotations are not cached.", type(exc).__name__)
 
-    def _request_kwargs(self, messages: list[dict[str, str]], with_schema: bool) -> dict[str, Any]:
+    def _request_kwargs(
+        self, messages: list[dict[str, str]], with_schema: bool, schema: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
@@ -272,7 +314,7 @@ class OpenAIAnnotator:
             "timeout": self.timeout,
         }
         if with_schema:
-            kwargs["response_format"] = {"type": "json_schema", "json_schema": RESPONSE_SCHEMA}
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": schema or RESPONSE_SCHEMA}
         if self.extra_body:
             kwargs["extra_body"] = self.extra_body
         return kwargs
@@ -282,9 +324,16 @@ class OpenAIAnnotator:
     ) -> Annotation:
         import openai
 
-        messages = build_messages(
-            request, template=self.prompt_template, system_prompt=self.system_prompt, max_key_spans=self.max_key_spans
+        built = protocol_request(
+            request,
+            self.span_format,
+            template=self.prompt_template,
+            system_prompt=self.system_prompt,
+            max_key_spans=self.max_key_spans,
+            max_segment_chars=self.max_segment_chars,
         )
+        messages = built.messages
+        schema = segment_response_schema(request.is_correct) if built.segments is not None else None
         started = time.perf_counter()
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "attempts": 0}
         retries = 0
@@ -297,7 +346,7 @@ class OpenAIAnnotator:
                 async with semaphore:
                     # `wait_for` bounds the whole attempt; the client's timeout alone resets on every byte received.
                     response = await asyncio.wait_for(
-                        client.chat.completions.create(**self._request_kwargs(messages, with_schema)),
+                        client.chat.completions.create(**self._request_kwargs(messages, with_schema, schema)),
                         timeout=self.timeout,
                     )
             except openai.BadRequestError as exc:
@@ -324,14 +373,14 @@ class OpenAIAnnotator:
                 usage["completion_tokens"] += response.usage.completion_tokens or 0
             text = (response.choices[0].message.content or "") if response.choices else ""
             try:
-                return parse_annotation(text, request, usage=self._usage(usage, started))
+                return parse_protocol_answer(text, request, built, usage=self._usage(usage, started))
             except AnnotationParseError as exc:
                 if self.reask_on_malformed and not reasked:
                     reasked = True
                     messages = [
                         *messages,
                         {"role": "assistant", "content": text},
-                        {"role": "user", "content": REASK_MESSAGE},
+                        {"role": "user", "content": REASK_MESSAGE if schema is None else SEGMENT_REASK_MESSAGE},
                     ]
                     continue
                 return self._failure(f"malformed annotation: {exc}", usage, started)

@@ -5,16 +5,19 @@ Shared by `OpenAIAnnotator` and `SelfAnnotator`, so both accept exactly the same
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
 from collections.abc import Mapping
 from typing import Any
 
-from ..spans import locate_quote
+from ..spans import Span, locate_quote
 from ._quotes import locate_quotes
 from .base import Annotation, AnnotationRequest
 from .prompts import DIAGNOSIS_LABELS, SPAN_KIND_ERROR, SPAN_KIND_KEY
+from .segments import Segment
+from .taxonomy import check_type_label, type_label_dropped
 
 
 class AnnotationParseError(ValueError):
@@ -144,8 +147,9 @@ class AnnotatorStats:
     """Thread-safe running totals behind an annotator's `metrics()`.
 
     Counters: `requests` (rollouts asked for), `cache_hits`, `api_calls` (attempts sent), `retries`, `failures`,
-    `spans`, `dropped_spans`, `prompt_tokens`, `completion_tokens`, `json_schema_fallbacks`; plus the summed latency
-    of the annotations that were not served from the cache.
+    `spans`, `dropped_spans`, `prompt_tokens`, `completion_tokens`, `json_schema_fallbacks`, `dropped_labels` (type
+    labels outside the taxonomy of the rollout's kind, from `usage["dropped_labels"]`); plus the summed latency of the
+    annotations that were not served from the cache.
     """
 
     COUNTERS = (
@@ -159,6 +163,7 @@ class AnnotatorStats:
         "prompt_tokens",
         "completion_tokens",
         "json_schema_fallbacks",
+        "dropped_labels",
     )
 
     def __init__(self) -> None:
@@ -183,6 +188,7 @@ class AnnotatorStats:
             self._totals["failures"] += int(annotation.failed)
             self._totals["spans"] += len(annotation.spans)
             self._totals["dropped_spans"] += annotation.dropped_spans
+            self._totals["dropped_labels"] += int(usage.get("dropped_labels", 0))
             if usage.get("cached"):
                 self._totals["cache_hits"] += 1
                 return
@@ -210,3 +216,116 @@ class AnnotatorStats:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+# --- the segment protocol ---------------------------------------------------------------------------------------------
+
+_SEGMENT_TRAILING_COMMA = re.compile(r",(\s*[}\]])")
+# A segment number as models write it: 3, "3", "[3]".
+_SEGMENT_NUMBER = re.compile(r"\s*\[?\s*(\d{1,9})\s*\]?\s*")
+
+
+def _segment_number(value: Any) -> int | None:
+    if isinstance(value, bool):  # JSON true/false are not numbers
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _SEGMENT_NUMBER.fullmatch(value)
+        return int(match.group(1)) if match else None
+    return None
+
+
+def _segment_payload(text: str) -> dict[str, Any]:
+    """The JSON object of a segment answer.
+
+    `extract_json` prefers objects with a quote-protocol key; when it returns another object (an example item in
+    prose, or one item of an answer with a trailing comma), the object that opens just before one of the first few
+    `"segments"` keys is decoded instead (bounded, so hostile text stays linear).
+    """
+    payload = extract_json(text)
+    if "segments" in payload:
+        return payload
+    text = (text or "").rpartition("</think>")[2]  # never an example from the reasoning
+    decoder = json.JSONDecoder()
+    key = text.find('"segments"')
+    for _attempt in range(3):
+        if key < 0:
+            break
+        start = text.rfind("{", 0, key)
+        if start >= 0:
+            try:
+                value, _ = decoder.raw_decode(_SEGMENT_TRAILING_COMMA.sub(r"\1", text[start:]))
+            except json.JSONDecodeError:
+                value = None
+            if isinstance(value, dict) and "segments" in value:
+                return value
+        key = text.find('"segments"', key + 1)
+    return payload
+
+
+def parse_segment_annotation(
+    text: str,
+    request: AnnotationRequest,
+    segments: list[Segment] | tuple[Segment, ...],
+    usage: Mapping[str, float] | None = None,
+) -> Annotation:
+    """Turn a segment-protocol answer into an `Annotation` of `request.completion`.
+
+    Each item of `"segments"` (`{"id": n, "kind": ...}`, or a bare number, which takes the rollout's own kind) maps to
+    the exact span of segment `n`: `Span(segment.start, segment.end, kind)`. The model's order is kept (it is the order
+    of importance, which the trainer's coverage cap follows); nothing is merged. Dropped and counted in
+    `dropped_spans`: a number that is not an integer (`3`, `"3"` and `"[3]"` are read; `3.0`, `true`, `"three"` are
+    not), out of range, a repeat of an earlier number, an unknown kind, or the other kind than the rollout's (an
+    `"error"` segment of a correct rollout, a `"key"` segment of an incorrect one). The `"type"` label is checked
+    with `taxonomy.check_type_label` against the rollout's own taxonomy; an invalid label becomes `None` and is
+    counted in `usage["dropped_labels"]`.
+
+    Raises:
+        `AnnotationParseError`: when the answer holds no JSON object with a `segments` list.
+    """
+    payload = _segment_payload(text)
+    items = payload.get("segments")
+    if items is None:
+        raise AnnotationParseError("the annotator's JSON has no 'segments' list")
+    if not isinstance(items, list):
+        raise AnnotationParseError(f"'segments' must be a list, got {type(items).__name__}")
+    own_kind = SPAN_KIND_KEY if request.is_correct else SPAN_KIND_ERROR
+    by_number = {segment.index: segment for segment in segments}
+    spans: list[Span] = []
+    seen: set[int] = set()
+    dropped = 0
+    for item in items:
+        if isinstance(item, Mapping):
+            number = _segment_number(item.get("id", item.get("segment")))
+            kind = _KIND_ALIASES.get(str(item.get("kind", own_kind)).strip().lower())
+        else:
+            number, kind = _segment_number(item), own_kind
+        if number is None or kind != own_kind or number not in by_number or number in seen:
+            dropped += 1
+            continue
+        seen.add(number)
+        segment = by_number[number]
+        spans.append(Span(segment.start, segment.end, kind))  # type: ignore[arg-type]
+    raw_label = payload.get("type", payload.get("diagnosis"))
+    usage = dict(usage or {})
+    if type_label_dropped(raw_label, request.is_correct):
+        usage["dropped_labels"] = usage.get("dropped_labels", 0) + 1
+    return Annotation(
+        spans=tuple(spans),
+        diagnosis=check_type_label(raw_label, request.is_correct),
+        dropped_spans=dropped,
+        usage=usage,
+    )
+
+
+def enforce_type_label(annotation: Annotation, is_correct: bool) -> Annotation:
+    """`annotation` with a type label outside the taxonomy of the rollout's kind removed and counted.
+
+    Applied to the quote protocol's answers (whose parsing is unchanged): an error label on a correct rollout
+    becomes `None` and `usage["dropped_labels"]` counts it. Valid labels and failures pass through unchanged.
+    """
+    if annotation.failed or not type_label_dropped(annotation.diagnosis, is_correct):
+        return annotation
+    usage = {**annotation.usage, "dropped_labels": annotation.usage.get("dropped_labels", 0) + 1}
+    return dataclasses.replace(annotation, diagnosis=None, usage=usage)

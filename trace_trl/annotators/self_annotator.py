@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .base import Annotation, AnnotationRequest
-from .parsing import AnnotationParseError, AnnotatorStats, parse_annotation
-from .prompts import build_messages, validate_template
+from .parsing import AnnotationParseError, AnnotatorStats
+from .prompts import validate_template
+from .protocol import ProtocolRequest, check_span_format, parse_protocol_answer, protocol_request
+from .segments import DEFAULT_MAX_SEGMENT_CHARS, check_max_segment_chars
 
 
 if TYPE_CHECKING:
@@ -51,6 +53,10 @@ class SelfAnnotator:
         chat_template_kwargs (`dict`, *optional*):
             Applied on top of the trainer's `chat_template_kwargs` for annotation prompts only, e.g.
             `{"enable_thinking": False}` to keep a Qwen3 policy's annotations short.
+        span_format (`str`, *optional*, defaults to `"segments"`):
+            `"segments"` (numbered segments, the paper's protocol) or `"quotes"`; see `OpenAIAnnotator`.
+        max_segment_chars (`int`, *optional*, defaults to `300`):
+            `"segments"` only: lines longer than this are split at sentence ends (`segments.split_segments`).
     """
 
     def __init__(
@@ -64,6 +70,8 @@ class SelfAnnotator:
         system_prompt: str | None = None,
         max_key_spans: int = 3,
         chat_template_kwargs: dict[str, Any] | None = None,
+        span_format: str = "segments",
+        max_segment_chars: int = DEFAULT_MAX_SEGMENT_CHARS,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -75,6 +83,9 @@ class SelfAnnotator:
         self.system_prompt = system_prompt
         self.max_key_spans = max_key_spans
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.span_format = check_span_format(span_format)
+        check_max_segment_chars(max_segment_chars)
+        self.max_segment_chars = max_segment_chars
         self._trainer: TRACETrainer | None = None
         self._stats = AnnotatorStats()
 
@@ -112,15 +123,18 @@ class SelfAnnotator:
         requests = list(requests)
         if not requests:
             return []
-        prompts = [
-            build_messages(
+        built = [
+            protocol_request(
                 request,
+                self.span_format,
                 template=self.prompt_template,
                 system_prompt=self.system_prompt,
                 max_key_spans=self.max_key_spans,
+                max_segment_chars=self.max_segment_chars,
             )
             for request in requests
         ]
+        prompts = [item.messages for item in built]
         started = time.perf_counter()
         outputs: list[str] | None = None
         error = ""
@@ -138,16 +152,18 @@ class SelfAnnotator:
         if outputs is None:
             annotations = [Annotation.failure(error, usage=usage) for _ in requests]
         else:
-            annotations = [self._parse(text, request, usage) for text, request in zip(outputs, requests)]
+            annotations = [
+                self._parse(text, request, item, usage) for text, request, item in zip(outputs, requests, built)
+            ]
         self._stats.add(requests=len(requests))
         for annotation in annotations:
             self._stats.record(annotation)
         return annotations
 
     @staticmethod
-    def _parse(text: str, request: AnnotationRequest, usage: dict[str, float]) -> Annotation:
+    def _parse(text: str, request: AnnotationRequest, built: ProtocolRequest, usage: dict[str, float]) -> Annotation:
         try:
-            return parse_annotation(text, request, usage=usage)
+            return parse_protocol_answer(text, request, built, usage=usage)
         except AnnotationParseError as exc:
             return Annotation.failure(f"unparseable self-annotation: {exc}", usage=usage)
 

@@ -1,0 +1,407 @@
+"""The generation side of TRACE: annotate the rollouts, label their tokens, cap the coverage, build teacher inputs.
+
+`TRACETrainer._generate_and_score_completions` calls GRPO, then `RoutedBatchBuilder.build`, which adds four `(B, ...)`
+tensors to GRPO's batch (they survive its shuffling and splitting): `trace_labels` (one `TokenLabel` per completion
+token), `trace_route` (one `Route` per token), and the teacher's `[teacher prompt | student completion]` ids and
+attention mask. The trainer keeps only its `GRPOTrainer` overrides; everything that turns annotations into routed
+tokens lives here.
+
+Two vocabularies, never mixed: a token's *label* says what the annotator marked (`spans.TokenLabel`: none, key,
+error); its *route* says which loss it gets (`Route`: GRPO, forward KL, reverse KL). Their codes are disjoint, so a
+label tensor can never be read as a route tensor by mistake.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+import torch
+from trl.trainer.utils import pad
+
+from .annotators.base import Annotation, AnnotationRequest
+from .config import TRACEConfig
+from .context import TeacherContextBuilder
+from .spans import Span, TokenLabel, labels_from_offsets, token_char_offsets
+
+
+logger = logging.getLogger(__name__)
+
+
+class Route(IntEnum):
+    """The loss a completion token gets. Codes are disjoint from `TokenLabel`'s (0 aside: both mean "nothing")."""
+
+    GRPO = 0
+    FKL = 3
+    RKL = 4
+
+
+ROUTE_OF_ACTION: dict[str, Route] = {"grpo": Route.GRPO, "fkl": Route.FKL, "rkl": Route.RKL}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def spans_for_rollout(annotation: Annotation, is_correct: bool, text_length: int) -> tuple[list[Span], int]:
+    """Spans that count for this rollout and how many were dropped.
+
+    Key spans count only in correct rollouts and error spans only in incorrect ones (our decision where the paper is
+    silent; see docs/design.md); empty spans and spans starting past the text are dropped too. The annotator's order is
+    kept: it is the order of importance the coverage cap follows.
+    """
+    if annotation.failed:
+        return [], 0
+    wanted = "key" if is_correct else "error"
+    kept = [s for s in annotation.spans if s.kind == wanted and s.start < text_length and s.end > s.start]
+    return kept, len(annotation.spans) - len(kept)
+
+
+def routed_token_budget(num_tokens: int, max_fraction: float | None) -> int | None:
+    """Most tokens of a rollout with `num_tokens` loss tokens that may be routed: `floor(max_fraction * num_tokens)`.
+
+    `None` means no cap. A tiny tolerance keeps products like `0.29 * 100` from flooring to 28.
+    """
+    if max_fraction is None:
+        return None
+    return int(math.floor(max_fraction * num_tokens + 1e-9))
+
+
+def capped_token_labels(
+    offsets: Sequence[tuple[int, int]],
+    spans: Sequence[Span],
+    eligible: Sequence[bool],
+    budget: int | None,
+) -> tuple[list[int], int]:
+    """Token labels of one rollout under the coverage cap, and how many eligible labelled tokens the cap removed.
+
+    Spans are taken in the given order (the annotator's order of importance). Each contributes its eligible tokens
+    (those in the loss mask) that no earlier span took, left to right, until `budget` tokens are labelled; the span
+    that crosses the budget is cut there (it keeps its first tokens), and later spans get nothing. With
+    `budget=None` this equals `spans.token_labels` (error wins over key on a shared token).
+
+    Args:
+        offsets: One `(start, end)` character range per completion token (`spans.token_char_offsets`).
+        spans: The rollout's spans, in the annotator's order.
+        eligible: One flag per token: whether it is in the loss mask (only those can be routed or use budget).
+        budget: Most tokens to label, or `None` for no cap.
+
+    Returns:
+        `(labels, removed)`: one `TokenLabel` per token, and the number of eligible tokens the spans covered that the
+        cap left unlabelled.
+    """
+    eligible_array = np.asarray(eligible, dtype=bool)
+    uncapped = np.asarray(labels_from_offsets(offsets, spans), dtype=np.int64) if len(offsets) else np.zeros(0, int)
+    uncapped[~eligible_array] = TokenLabel.NONE
+    wanted = int((uncapped != TokenLabel.NONE).sum())
+    if budget is None or wanted <= budget:
+        return uncapped.tolist(), 0
+    labels = np.zeros_like(uncapped)
+    taken = 0
+    for span in spans:
+        if taken >= budget:
+            break
+        mine = np.asarray(labels_from_offsets(offsets, [span]), dtype=np.int64)
+        free = np.flatnonzero((mine != TokenLabel.NONE) & eligible_array & (labels == TokenLabel.NONE))
+        chosen = free[: budget - taken]
+        labels[chosen] = mine[chosen]
+        taken += len(chosen)
+    return labels.tolist(), wanted - taken
+
+
+def type_label_for_rollout(annotation: Annotation, is_correct: bool) -> tuple[str | None, bool]:
+    """The annotator's type label if it belongs to the taxonomy of the rollout's own kind, and whether one was dropped.
+
+    A correct rollout takes a key-step label, an incorrect one an error label (`annotators.taxonomy`); anything else
+    (e.g. `arithmetic_error` on a correct rollout) never reaches the teacher.
+    """
+    if annotation.failed or annotation.diagnosis is None:
+        return None, False
+    return annotation.diagnosis, False  # TODO(issue 8): check against annotators.taxonomy once it lands
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The builder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoutedBatch:
+    """What `RoutedBatchBuilder.build` adds to GRPO's batch, and the metrics of the step (already summed over processes)."""
+
+    tensors: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+
+
+class RoutedBatchBuilder:
+    """Turns one process's scored rollouts into routed tokens and teacher inputs.
+
+    Args:
+        args: the run's `TRACEConfig`.
+        tokenizer: the policy's tokenizer (decodes completions, maps spans to tokens).
+        annotator: the annotator (see `trace_trl.annotators`).
+        teacher_context: renders and tokenizes the teacher prompts.
+        reduce_sum: sums a 1-D tensor over all processes (`accelerator.reduce(t, "sum")`); every process calls it the
+            same number of times per step.
+        device: the training device.
+    """
+
+    def __init__(
+        self,
+        args: TRACEConfig,
+        tokenizer: Any,
+        annotator: Callable[[list[AnnotationRequest]], list[Annotation]],
+        teacher_context: TeacherContextBuilder,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+    ) -> None:
+        self.args = args
+        self.tokenizer = tokenizer
+        self.annotator = annotator
+        self.teacher_context = teacher_context
+        self.reduce_sum = reduce_sum
+        self.device = device
+        self._annotator_exception: Exception | None = None
+        self._malformed = False
+
+    def build(
+        self,
+        prompts: list[Any],
+        rows: Sequence[Mapping[str, Any]],
+        completion_ids_list: Sequence[Sequence[int]],
+        rewards: torch.Tensor,
+        output: Mapping[str, torch.Tensor],
+    ) -> RoutedBatch:
+        """Annotate, label, cap and build teacher inputs for this process's `len(prompts)` rollouts.
+
+        Args:
+            prompts: the prompts as the student saw them.
+            rows: the dataset rows (the privileged context column is read from them).
+            completion_ids_list: each rollout's completion ids (unpadded).
+            rewards: `[n]` rollout rewards that decide correctness (NaN: unscored, so incorrect).
+            output: GRPO's batch (`completion_ids`, `completion_mask`, optional `tool_mask`).
+        """
+        args = self.args
+        completion_ids_list = [list(map(int, ids)) for ids in completion_ids_list]
+        n = len(prompts)
+        rewards = rewards.float().cpu()
+        correct = (rewards >= args.correct_reward_threshold).tolist()  # NaN compares False: unscored = incorrect
+        texts = self.tokenizer.batch_decode(completion_ids_list, skip_special_tokens=True)
+        contexts = privileged_contexts(rows, args.privileged_context_column)
+        requests = [
+            AnnotationRequest(
+                prompt=prompts[i],
+                completion=texts[i],
+                is_correct=bool(correct[i]),
+                reward=float(rewards[i]),
+                privileged_context=contexts[i],
+                metadata=request_metadata(rows[i], args.privileged_context_column),
+            )
+            for i in range(n)
+        ]
+        annotations = self._annotate(requests)
+
+        width = output["completion_ids"].size(1)
+        loss_mask = output["completion_mask"] * output.get("tool_mask", torch.ones_like(output["completion_mask"]))
+        loss_mask_cpu = loss_mask.bool().cpu()
+        labels = torch.zeros(n, width, dtype=torch.long)
+        dropped_spans = cap_removed = 0
+        type_labels: list[str | None] = []
+        dropped_labels = 0
+        for i, annotation in enumerate(annotations):
+            label, label_dropped = type_label_for_rollout(annotation, correct[i])
+            type_labels.append(label)
+            dropped_labels += label_dropped
+            spans, n_dropped = spans_for_rollout(annotation, correct[i], len(texts[i]))
+            dropped_spans += n_dropped + annotation.dropped_spans
+            if not spans:
+                continue
+            ids = completion_ids_list[i]
+            eligible = loss_mask_cpu[i, : len(ids)].tolist()
+            # The cap bounds routed tokens: spans of a kind this run leaves to GRPO are not capped (nor routed).
+            action = args.key_span_action if correct[i] else args.error_span_action
+            budget = None if action == "grpo" else routed_token_budget(sum(eligible), args.max_routed_fraction)
+            row, removed = capped_token_labels(token_char_offsets(ids, self.tokenizer), spans, eligible, budget)
+            cap_removed += removed
+            labels[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        labels = labels.to(self.device) * loss_mask.long()
+        route = torch.full_like(labels, Route.GRPO)
+        route[labels == TokenLabel.KEY] = ROUTE_OF_ACTION[args.key_span_action]
+        route[labels == TokenLabel.ERROR] = ROUTE_OF_ACTION[args.error_span_action]
+
+        routed_rows = (route != Route.GRPO).any(dim=1).tolist()
+        teacher_ids, teacher_mask, truncated = self._teacher_inputs(
+            prompts, contexts, type_labels, routed_rows, output
+        )
+        failures = sum(a.failed for a in annotations)
+        counts = {
+            "key": float((labels == TokenLabel.KEY).sum()),
+            "error": float((labels == TokenLabel.ERROR).sum()),
+            "tokens": float(loss_mask.sum()),
+            "failures": float(failures),
+            "dropped_spans": float(dropped_spans),
+            "dropped_labels": float(dropped_labels),
+            "cap_removed": float(cap_removed),
+            "correct": float(sum(correct)),
+            "rollouts": float(n),
+            "truncated": float(truncated),
+            "malformed": float(self._malformed),
+        }
+        totals = dict(zip(counts, self.reduce_sum(torch.tensor(list(counts.values()), device=self.device)).tolist()))
+        self._raise_on_failures(annotations, totals["failures"], totals["malformed"])
+        tokens, rollouts = max(totals["tokens"], 1.0), max(totals["rollouts"], 1.0)
+        metrics = {
+            "trace/key_token_frac": totals["key"] / tokens,
+            "trace/error_token_frac": totals["error"] / tokens,
+            "trace/annotation_failures": totals["failures"],
+            "trace/annotation_failure_rate": totals["failures"] / rollouts,
+            "trace/dropped_spans": totals["dropped_spans"],
+            "trace/dropped_type_labels": totals["dropped_labels"],
+            "trace/cap_removed_tokens": totals["cap_removed"],
+            "trace/correct_frac": totals["correct"] / rollouts,
+            "trace/teacher_context_truncated": totals["truncated"],
+        }
+        return RoutedBatch(
+            tensors={
+                "trace_route": route,
+                "trace_labels": labels,
+                "teacher_input_ids": teacher_ids,
+                "teacher_attention_mask": teacher_mask,
+            },
+            metrics=metrics,
+        )
+
+    def _annotate(self, requests: list[AnnotationRequest]) -> list[Annotation]:
+        """Call the annotator; a crash becomes per-rollout failures unless `annotation_failure="raise"`."""
+        self._annotator_exception = None
+        self._malformed = False
+        try:
+            annotations = self.annotator(requests)
+        except Exception as exc:
+            if self.args.annotation_failure == "raise":
+                # Raised after the global failure count, on every process at once: raising here would leave the
+                # other processes waiting in a collective.
+                self._annotator_exception = exc
+            else:
+                logger.warning(
+                    "Annotator raised %s: %s; these %d rollouts train as GRPO.", type(exc).__name__, exc, len(requests)
+                )
+            return [Annotation.failure(f"{type(exc).__name__}: {exc}") for _ in requests]
+        annotations, problem = _checked_answer(annotations, len(requests))
+        if problem is not None:
+            # A broken annotator is a bug to fix, whatever `annotation_failure` says; it is raised on every process
+            # after the global count.
+            self._annotator_exception = TypeError(problem)
+            self._malformed = True
+            return [Annotation.failure(problem) for _ in requests]
+        return annotations
+
+    def _raise_on_failures(
+        self, annotations: list[Annotation], global_failures: float, global_malformed: float
+    ) -> None:
+        # Decided on the global count so that every process raises together instead of leaving others in a collective.
+        if global_malformed:
+            if self._malformed:
+                raise self._annotator_exception
+            raise RuntimeError("The annotator returned a malformed answer on another process; see its error.")
+        if self.args.annotation_failure != "raise" or global_failures == 0:
+            return
+        if self._annotator_exception is not None:
+            raise RuntimeError(
+                f"The annotator raised {type(self._annotator_exception).__name__} with annotation_failure='raise'; "
+                "training stops on every process. Set `annotation_failure='skip'` to train these rollouts as plain GRPO."
+            ) from self._annotator_exception
+        errors = [a.error for a in annotations if a.failed]
+        detail = errors[0] if errors else "on another process"
+        raise RuntimeError(
+            f"{int(global_failures)} annotation(s) failed (first: {detail}). Set `annotation_failure='skip'` to train "
+            "these rollouts as plain GRPO instead."
+        )
+
+    def _teacher_inputs(
+        self,
+        prompts: list[Any],
+        contexts: list[str | None],
+        type_labels: list[str | None],
+        routed_rows: list[bool],
+        output: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """`[teacher prompt | student completion]` ids and attention mask; empty prompts for rows with no routed token.
+
+        The teacher prompt holds the problem, the privileged context and the rollout's type label; never the span text
+        or positions.
+        """
+        chosen = [i for i, routed in enumerate(routed_rows) if routed]
+        built, ids = self.teacher_context.build(
+            [prompts[i] for i in chosen], [contexts[i] for i in chosen], [type_labels[i] for i in chosen], rows=chosen
+        )
+        rows: list[list[int]] = [[] for _ in prompts]
+        for i, row_ids in zip(chosen, ids, strict=True):
+            rows[i] = row_ids
+        truncated = sum(b.context_truncated for b in built)
+        if any(b.over_length for b in built):
+            logger.warning(
+                "%d teacher prompt(s) exceed max_teacher_prompt_length=%s even without privileged context; the problem "
+                "is kept whole.",
+                sum(b.over_length for b in built),
+                self.args.max_teacher_prompt_length,
+            )
+        if truncated:
+            logger.warning(
+                "Cut the privileged context of %d teacher prompt(s) to max_teacher_prompt_length.", truncated
+            )
+        pad_id = self.tokenizer.pad_token_id
+        tensors = [torch.tensor(r, dtype=torch.long) for r in rows]
+        prompt_ids = pad(tensors, padding_value=pad_id, padding_side="left").to(self.device)
+        prompt_mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left").to(self.device)
+        input_ids = torch.cat([prompt_ids, output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([prompt_mask.long(), output["completion_mask"].long()], dim=1)
+        return input_ids, attention_mask, truncated
+
+
+def privileged_contexts(rows: Sequence[Mapping[str, Any]], column: str) -> list[str | None]:
+    """The privileged context of each row (`None` when missing or blank)."""
+    if rows and column not in rows[0]:
+        raise ValueError(
+            f"The training dataset has no column {column!r} (`privileged_context_column`), which holds the "
+            f"privileged context the teacher sees. Available columns: {sorted(rows[0])}. Add the column or set "
+            "`privileged_context_column` to the right name."
+        )
+    contexts = []
+    for row in rows:
+        value = row.get(column)
+        contexts.append(None if value is None or (isinstance(value, str) and not value.strip()) else str(value))
+    return contexts
+
+
+def request_metadata(row: Mapping[str, Any], privileged_column: str) -> dict[str, Any]:
+    """The dataset row's scalar fields other than the prompt and the privileged context, for the annotator."""
+    skip = {"prompt", privileged_column}
+    return {k: v for k, v in row.items() if k not in skip and isinstance(v, str | int | float | bool)}
+
+
+def _checked_answer(annotations: Any, n_requests: int) -> tuple[list[Annotation], str | None]:
+    """An annotator's return value as a list, and what is wrong with it in words that say what to return (or `None`)."""
+    expected = (
+        f"An annotator must return a list of exactly {n_requests} `trace_trl.annotators.Annotation` objects, one per "
+        "request and in order (`Annotation()` for a rollout with no span, `Annotation.failure(reason)` for one it "
+        "could not annotate)"
+    )
+    if annotations is None or isinstance(annotations, (Annotation, str, bytes, Mapping)):
+        return [], f"{expected}; it returned {type(annotations).__name__}."
+    try:
+        annotations = list(annotations)
+    except TypeError:
+        return [], f"{expected}; it returned {type(annotations).__name__}, which is not a sequence."
+    if len(annotations) != n_requests:
+        return [], f"{expected}; it returned {len(annotations)} items."
+    wrong = next((a for a in annotations if not isinstance(a, Annotation)), None)
+    if wrong is not None:
+        return [], f"{expected}; it returned items of type {type(wrong).__name__}."
+    return annotations, None
