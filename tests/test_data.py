@@ -195,3 +195,88 @@ def test_custom_conversational_prompt_column(tmp_path):
         {"role": "user", "content": "What is 1 + 2? Box it."},
     ]
     assert dataset[0]["problem"] == "What is 1 + 2? Box it."
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# OpenThoughts-114k (config `metadata`), the paper's training set
+# ---------------------------------------------------------------------------------------------------------------------
+
+OPENTHOUGHTS = str(FIXTURES / "openthoughts_metadata.jsonl")
+# The fixture: 20 math rows "What is $i + 10i$?" (answer 11i), a proof without any box, a row whose reference
+# solution is empty (R1's answer 99 stands in), a repeat of problem 1 with other spacing, and 5 rows of the other
+# domains (code, puzzle, chemistry, biology, physics), all with boxed answers so only the domain filter drops them.
+OPENTHOUGHTS_USABLE = 21
+
+
+def test_guess_source_openthoughts():
+    assert guess_source("open-thoughts/OpenThoughts-114k") == "openthoughts"
+
+
+def test_openthoughts_keeps_math_rows_and_drops_unverifiable(caplog):
+    with caplog.at_level(logging.INFO, logger="trace_trl.data"):
+        dataset = load_math_dataset(OPENTHOUGHTS, source="openthoughts")
+    assert set(dataset.column_names) == set(OUTPUT_COLUMNS)
+    assert "kept 23 math rows of 28 (dropped 5 of other domains)" in caplog.text
+    assert "Dropping 1 of 23 rows without a verifiable answer" in caplog.text  # the proof
+    assert len(dataset) == 22  # the repeated problem is only dropped by the split loader
+    assert not any(word in " ".join(dataset["problem"]) for word in ("piano", "protons", "insect", "SI unit", "list"))
+    first = dataset[0]
+    assert first["problem"] == "What is $1 + 10$?" and first["answer"] == "11"
+    # The privileged context is the reference solution, not R1's answer, and it never reaches the prompt.
+    assert first["solution"] == "We add: $1 + 10 = 11$. Thus the answer is $\\boxed{11}$."
+    assert first["prompt"] == make_prompt("What is $1 + 10$?")
+    assert all(r["solution"] not in str(r["prompt"]) for r in dataset)
+    fallback = dataset[dataset["problem"].index("Find $x$ if $2x = 198$.")]
+    assert fallback["answer"] == "99" and fallback["solution"].startswith("Divide by 2")
+
+
+def test_openthoughts_default_config_is_refused_with_the_fix(tmp_path):
+    from datasets import Dataset
+
+    path = tmp_path / "default.jsonl"
+    Dataset.from_dict({"system": ["s"], "conversations": [[{"from": "user", "value": "q"}]]}).to_json(str(path))
+    with pytest.raises(ValueError, match=r"`default` config.*`metadata` config"):
+        load_math_dataset(str(path), source="openthoughts")
+
+
+def test_openthoughts_splits_are_disjoint_capped_and_deterministic(caplog):
+    from trace_trl.data import PAPER_MAX_TRAIN_SAMPLES, load_openthoughts_math
+
+    with caplog.at_level(logging.WARNING, logger="trace_trl.data"):
+        splits = load_openthoughts_math(OPENTHOUGHTS, validation_size=5, seed=3)
+    assert "Dropping 1 of 22 rows that repeat an earlier problem" in caplog.text
+    train, validation = splits["train"], splits["validation"]
+    assert (len(train), len(validation)) == (OPENTHOUGHTS_USABLE - 5, 5)
+    assert not set(train["problem"]) & set(validation["problem"])
+    assert len(set(train["problem"]) | set(validation["problem"])) == OPENTHOUGHTS_USABLE
+    assert set(train.column_names) == set(validation.column_names) == set(OUTPUT_COLUMNS)
+
+    again = load_openthoughts_math(OPENTHOUGHTS, validation_size=5, seed=3)
+    assert again["train"]["problem"] == train["problem"] and again["validation"]["problem"] == validation["problem"]
+    other = load_openthoughts_math(OPENTHOUGHTS, validation_size=5, seed=4)
+    assert other["validation"]["problem"] != validation["problem"]  # the seed does shuffle
+
+    # The cap takes a prefix of the same shuffled training rows; the validation split does not move with it.
+    capped = load_openthoughts_math(OPENTHOUGHTS, validation_size=5, seed=3, max_train_samples=4)
+    assert capped["train"]["problem"] == train["problem"][:4]
+    assert capped["validation"]["problem"] == validation["problem"]
+    assert (
+        load_openthoughts_math(OPENTHOUGHTS, validation_size=0, seed=3, max_train_samples=None)["train"].num_rows == 21
+    )
+    assert PAPER_MAX_TRAIN_SAMPLES == 30_000
+
+
+def test_openthoughts_default_cap_is_the_papers(monkeypatch):
+    import inspect
+
+    from trace_trl import data
+
+    signature = inspect.signature(data.load_openthoughts_math)
+    assert signature.parameters["max_train_samples"].default == 30_000
+    assert signature.parameters["validation_size"].default == 500
+    with pytest.raises(ValueError, match="too few for a validation split of 500"):
+        data.load_openthoughts_math(OPENTHOUGHTS)
+    with pytest.raises(ValueError, match="`validation_size` must be >= 0"):
+        data.load_openthoughts_math(OPENTHOUGHTS, validation_size=-1)
+    with pytest.raises(ValueError, match="`max_train_samples` must be >= 1"):
+        data.load_openthoughts_math(OPENTHOUGHTS, max_train_samples=0)

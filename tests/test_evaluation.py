@@ -11,15 +11,21 @@ import pytest
 
 from trace_trl.evaluation import (
     BENCHMARKS,
+    PAPER_SAMPLING,
     HFGenerator,
     Problem,
     SamplingSettings,
+    benchmark_mean_ci,
+    bootstrap_ci,
+    bootstrap_means,
     evaluate,
     evaluate_benchmark,
     load_benchmarks,
     load_gpqa_diamond,
     main,
     make_generator,
+    per_problem_scores,
+    resolve_sampling,
     results_table,
     score_samples,
     vllm_available,
@@ -168,7 +174,23 @@ def test_main_with_scripted_backend_writes_json_and_table(tmp_path):
     assert "completions" not in results["benchmarks"]["math500"]
     table = (output / "results.md").read_text()
     assert "| Model | k | MATH-500 | AIME 2024 | AIME 2025 | AMC 2023 | GPQA-Diamond | Average |" in table
-    assert "| scripted | 4 | 75.00 | 0.00 | 12.50 | 0.00 | 33.33 | 24.17 |" in table
+    # Intervals by hand: MATH-500's per-problem scores (0.5, 1) resample to means {0.5, 0.75, 1} -> [0.5, 1];
+    # AIME 2025's (0.25, 0) -> [0, 0.25]; GPQA's (1, 0, 0) reach the mean 1 with probability 1/27 > 2.5% -> [0, 1].
+    row = next(line for line in table.splitlines() if line.startswith("| scripted | 4 | 75.00"))
+    assert row.startswith(
+        "| scripted | 4 | 75.00 [50.00, 100.00] | 0.00 [0.00, 0.00] | 12.50 [0.00, 25.00] | 0.00 [0.00, 0.00] "
+        "| 33.33 [0.00, 100.00] | 24.17 ["
+    )
+    assert results["benchmarks"]["math500"]["avg@k_ci"] == [0.5, 1.0]
+    low, high = results["average"]["avg@k_ci"]
+    assert low < results["average"]["avg@k"] < high and 0.0 <= low and high <= 0.5
+    assert results["bootstrap"] == {
+        "method": "percentile bootstrap over problems (stratified by benchmark for the mean)",
+        "num_resamples": 1000,
+        "confidence": 0.95,
+        "seed": 0,
+    }
+    assert "95% percentile-bootstrap interval over problems (1000 resamples, seed 0)" in table
     assert "## pass@4 (%)" in table and "| scripted | 4 | 100.00 | 0.00 | 50.00 | 0.00 | 33.33 | 36.67 |" in table
 
 
@@ -230,7 +252,7 @@ def test_eval_on_tiny_model_end_to_end(tiny_model_dir, tmp_path):
         assert 0.0 <= benchmark["avg@k"] <= benchmark["pass@k"] <= 1.0
     table_lines = (output / "results.md").read_text().splitlines()
     row = next(line for line in table_lines if line.startswith(f"| {tiny_model_dir} |"))
-    assert re.fullmatch(r"\| .+ \| 2( \| \d+\.\d\d){6} \|", row)
+    assert re.fullmatch(r"\| .+ \| 2( \| \d+\.\d\d \[\d+\.\d\d, \d+\.\d\d\]){6} \|", row)
 
 
 def test_hf_generator_greedy_repeats_one_completion(tiny_model_dir):
@@ -274,3 +296,182 @@ def test_evaluate_records_settings():
     assert results["settings"] == {"num_samples": 1, "scorer": "math_verify", "temperature": 1.0}
     assert results["benchmarks"]["amc23"]["correct"] == [[True], [False]]
     assert results["benchmarks"]["amc23"]["name"] == "AMC 2023"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bootstrap confidence intervals
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_constant_scores_give_a_zero_width_interval():
+    assert bootstrap_ci([0.75] * 40) == (0.75, 0.75)
+    assert bootstrap_ci([0.0]) == (0.0, 0.0)
+    assert benchmark_mean_ci({"a": [1.0] * 5, "b": [0.0] * 9}) == (0.5, 0.5)
+
+
+def test_bootstrap_hand_computed_two_problem_case():
+    # Two problems scoring 0 and 1: a resample's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 2.5% and 97.5% quantiles of 1000 resamples are 0 and 1 (with overwhelming probability, and exactly for seed 0).
+    means = bootstrap_means([0.0, 1.0], num_resamples=1000, seed=0)
+    assert set(means.tolist()) == {0.0, 0.5, 1.0}
+    assert abs((means == 0.5).mean() - 0.5) < 0.05
+    assert bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    # One problem cannot vary.
+    assert bootstrap_ci([1.0 / 3.0]) == pytest.approx((1 / 3, 1 / 3))
+
+
+def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
+    small = [1.0, 0.0] * 10  # mean 0.5, n = 20
+    large = [1.0, 0.0] * 200  # mean 0.5, n = 400
+    low_small, high_small = bootstrap_ci(small, seed=1)
+    low_large, high_large = bootstrap_ci(large, seed=1)
+    assert low_small < 0.5 < high_small and low_large < 0.5 < high_large
+    assert high_large - low_large < high_small - low_small
+    # The normal approximation: half-width 1.96 * sqrt(0.25 / 400) = 0.049.
+    assert high_large - 0.5 == pytest.approx(0.049, abs=0.01) and 0.5 - low_large == pytest.approx(0.049, abs=0.01)
+    # A lower confidence gives a narrower interval inside the wider one.
+    low_80, high_80 = bootstrap_ci(large, seed=1, confidence=0.8)
+    assert low_large <= low_80 < high_80 <= high_large
+
+
+def test_bootstrap_is_seeded():
+    scores = [i / 7 for i in range(30)]
+    assert bootstrap_ci(scores, seed=5) == bootstrap_ci(scores, seed=5)
+    assert bootstrap_ci(scores, seed=5) != bootstrap_ci(scores, seed=6)
+    # A benchmark's resamples do not depend on which other benchmarks are in the mean.
+    alone = bootstrap_means(scores, seed=5, stream="aime24")
+    assert (alone == bootstrap_means(scores, seed=5, stream="aime24")).all()
+    assert not (alone == bootstrap_means(scores, seed=5, stream="aime25")).all()
+
+
+def test_benchmark_mean_ci_is_the_unweighted_mean_of_the_benchmark_resamples():
+    import numpy as np
+
+    scores = {"a": [1.0, 0.0, 1.0, 1.0], "b": [0.0] * 50 + [1.0] * 50}
+    expected = (
+        bootstrap_means(scores["a"], seed=2, stream="a") + bootstrap_means(scores["b"], seed=2, stream="b")
+    ) / 2
+    assert benchmark_mean_ci(scores, seed=2) == pytest.approx(tuple(np.percentile(expected, [2.5, 97.5])))
+    low, high = benchmark_mean_ci(scores, seed=2)
+    assert low < (0.75 + 0.5) / 2 < high  # unweighted: the 4-problem benchmark counts as much as the 100-problem one
+
+
+def test_bootstrap_bad_input():
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="num_resamples"):
+        bootstrap_ci([1.0], num_resamples=0)
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci([1.0], confidence=1.0)
+
+
+def test_per_problem_scores():
+    assert per_problem_scores([[True, False, True, True], [False, False]]) == [0.75, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The paper's evaluation preset
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _parsed(*argv):
+    from trace_trl.evaluation import _parser
+
+    return resolve_sampling(_parser().parse_args(["--model", "m", *argv]))
+
+
+def test_paper_preset_values_and_overrides():
+    assert PAPER_SAMPLING == {
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": 20,
+        "num_samples": 8,
+        "enable_thinking": True,
+    }
+    assert _parsed("--paper") == PAPER_SAMPLING
+    assert _parsed() == {"temperature": 0.6, "top_p": 0.95, "top_k": None, "num_samples": 1, "enable_thinking": None}
+    overridden = _parsed("--paper", "-k", "16", "--top-k", "0", "--enable-thinking", "false", "--temperature", "1")
+    assert overridden == {
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "top_k": None,
+        "num_samples": 16,
+        "enable_thinking": False,
+    }
+
+
+def test_main_with_paper_preset_records_the_settings(tmp_path):
+    generate = ScriptedGenerator({"What is $1+1$?": [r"\boxed{2}"] * 8})
+    output = tmp_path / "paper"
+    argv = ["--model", "m", "--paper", "--benchmarks", "math500", "--output-dir", str(output)]
+    assert main([*argv, "--benchmark-file", f"math500={FIXTURE_FILES['math500']}"], generate=generate) == 0
+    assert generate.calls == [(2, 8)]
+    results = json.loads((output / "results.json").read_text())
+    settings = results["settings"]
+    assert (settings["temperature"], settings["top_p"], settings["top_k"], settings["num_samples"]) == (
+        0.6,
+        0.95,
+        20,
+        8,
+    )
+    assert settings["chat_template_kwargs"] == {"enable_thinking": True} and settings["preset"] == "paper"
+    assert results["benchmarks"]["math500"]["avg@k"] == 0.5 and results["benchmarks"]["math500"]["avg@k_ci"] == [0, 1]
+    text = (output / "results.md").read_text()
+    assert "temperature 0.6, top-p 0.95, top-k 20, thinking True" in text and "## avg@8 (%)" in text
+    assert "| m | 8 | 50.00 [0.00, 100.00] | 50.00 [0.00, 100.00] |" in text
+
+
+def test_no_bootstrap_and_bad_bootstrap_flags(tmp_path, capsys):
+    argv = ["--model", "m", "--benchmarks", "math500", "--benchmark-file", f"math500={FIXTURE_FILES['math500']}"]
+    assert (
+        main([*argv, "--output-dir", str(tmp_path), "--bootstrap-resamples", "0"], generate=ScriptedGenerator({})) == 0
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "avg@k_ci" not in results["benchmarks"]["math500"] and "bootstrap" not in results
+    assert "| m | 1 | 0.00 | 0.00 |" in (tmp_path / "results.md").read_text()
+    assert main([*argv, "--confidence", "95"], generate=ScriptedGenerator({})) == 2
+    assert "--confidence must be in (0, 1)" in capsys.readouterr().err
+    assert main([*argv, "--top-k", "-1"], generate=ScriptedGenerator({})) == 2
+
+
+def test_hf_generator_passes_top_k(tiny_model_dir):
+    prompts = [[{"role": "user", "content": "What is 12 + 7?"}]]
+    greedy = HFGenerator(tiny_model_dir, SamplingSettings(temperature=0.0, max_new_tokens=5))
+    top1 = HFGenerator(
+        greedy.model, SamplingSettings(temperature=5.0, top_k=1, max_new_tokens=5), tokenizer=greedy.tokenizer
+    )
+    # top-k 1 keeps only the most likely token: every sample is the greedy completion, even at temperature 5.
+    assert top1(prompts, 4) == [greedy(prompts, 1)[0] * 4]
+    # Without top-k, the same temperature samples different completions, so the check above does test top-k.
+    free = HFGenerator(greedy.model, SamplingSettings(temperature=5.0, max_new_tokens=5), tokenizer=greedy.tokenizer)
+    assert len(set(free(prompts, 4)[0])) > 1
+
+
+def test_vllm_generator_passes_top_k(monkeypatch):
+    import sys
+    import types
+
+    captured = {}
+
+    class FakeLLM:
+        def __init__(self, model, seed, **kwargs):
+            pass
+
+        def get_tokenizer(self):
+            return types.SimpleNamespace(apply_chat_template=lambda messages, **kwargs: messages[-1]["content"])
+
+        def generate(self, texts, params, use_tqdm):
+            captured["params"] = params
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="x")] * params.n) for _ in texts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = FakeLLM
+    fake.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    from trace_trl.evaluation import VLLMGenerator
+
+    VLLMGenerator("m", SamplingSettings(top_k=20))([[{"role": "user", "content": "q"}]], 8)
+    params = captured["params"]
+    assert (params.n, params.temperature, params.top_p, params.top_k) == (8, 0.6, 0.95, 20)
+    VLLMGenerator("m", SamplingSettings())([[{"role": "user", "content": "q"}]], 2)
+    assert captured["params"].top_k == -1

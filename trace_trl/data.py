@@ -18,6 +18,7 @@ Supported Hub schemas (the column names are the ones each loader reads):
 | `"gsm8k"`  | `openai/gsm8k` (config `main`)       | `question` | the number after `####` in `answer`     | `answer` before `####`         |
 | `"numina"` | `AI-MO/NuminaMath-CoT`               | `problem`  | last `\boxed{}` of `solution`           | `solution`                     |
 | `"openr1"` | `open-r1/OpenR1-Math-220k`           | `problem`  | `answer`                                | `solution`                     |
+| `"openthoughts"` | `open-thoughts/OpenThoughts-114k` (config `metadata`, `domain == "math"` rows) | `problem` | last `\boxed{}` of `ground_truth_solution` (else of `deepseek_solution`) | `ground_truth_solution` (else `deepseek_solution`) |
 | `"custom"` | any Hub id or local file            | `prompt_column` | `answer_column` (or `\boxed{}` of the solution) | `solution_column`    |
 """
 
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 
 if TYPE_CHECKING:
-    from datasets import Dataset
+    from datasets import Dataset, DatasetDict
 
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,12 @@ logger = logging.getLogger(__name__)
 # The instruction used by Qwen's and DeepSeek's math evaluations, so rewards and evaluation look in the same place.
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
-SOURCES: tuple[str, ...] = ("math", "gsm8k", "numina", "openr1", "custom")
+SOURCES: tuple[str, ...] = ("math", "gsm8k", "numina", "openr1", "openthoughts", "custom")
+
+# The paper's training set: the math subset of OpenThoughts-114k, at most 30K problem-solution pairs.
+OPENTHOUGHTS_ID = "open-thoughts/OpenThoughts-114k"
+PAPER_MAX_TRAIN_SAMPLES = 30_000
+DEFAULT_VALIDATION_SIZE = 500
 
 # Hub id fragment -> source, used when `source=None`. Matched case-insensitively against `name_or_path`.
 _SOURCE_HINTS: dict[str, str] = {
@@ -47,10 +53,13 @@ _SOURCE_HINTS: dict[str, str] = {
     "gsm8k": "gsm8k",
     "numinamath": "numina",
     "openr1-math": "openr1",
+    "openthoughts": "openthoughts",
 }
 
 # Default Hub config per source (gsm8k has "main" and "socratic"; the others have a single default config).
-_DEFAULT_CONFIGS: dict[str, str | None] = {"gsm8k": "main"}
+# OpenThoughts-114k's `default` config only has `system` and `conversations` (ShareGPT turns); the problem, the
+# reference solution and the `domain` column are in its `metadata` config.
+_DEFAULT_CONFIGS: dict[str, str | None] = {"gsm8k": "main", "openthoughts": "metadata"}
 
 # Local file extension -> `datasets` builder.
 _FILE_BUILDERS: dict[str, str] = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -202,10 +211,12 @@ def load_math_dataset(
         split (`str`, *optional*, defaults to `"train"`):
             Split to load. Local files have a single `"train"` split.
         source (`str` or `None`, *optional*, defaults to `None`):
-            Schema of the data: `"math"`, `"gsm8k"`, `"numina"`, `"openr1"` or `"custom"` (see the module docstring).
-            `None` guesses from `name_or_path` and falls back to `"custom"`.
+            Schema of the data: `"math"`, `"gsm8k"`, `"numina"`, `"openr1"`, `"openthoughts"` or `"custom"` (see the
+            module docstring). `None` guesses from `name_or_path` and falls back to `"custom"`. `"openthoughts"` keeps
+            the `domain == "math"` rows only (for the paper's train/validation split, use
+            [`load_openthoughts_math`]).
         config_name (`str` or `None`, *optional*, defaults to `None`):
-            Hub config; `None` picks the source's default (`"main"` for gsm8k).
+            Hub config; `None` picks the source's default (`"main"` for gsm8k, `"metadata"` for OpenThoughts).
         prompt_column (`str`, *optional*, defaults to `"problem"`):
             `"custom"` only: column with the problem text, or with a conversational prompt (a list of messages),
             which is then kept as is: no instruction is appended, and `problem` is its last user message.
@@ -251,6 +262,8 @@ def load_math_dataset(
     if source not in SOURCES:
         raise ValueError(f"`source` must be one of {', '.join(repr(s) for s in SOURCES)} or None; got {source!r}.")
     raw = load_raw_dataset(name_or_path, split=split, config_name=config_name or _DEFAULT_CONFIGS.get(source))
+    if source == "openthoughts":
+        raw = _openthoughts_math_rows(raw, name_or_path=name_or_path, keep_columns=keep_columns)
     if limit is not None:
         raw = raw.select(range(min(limit, len(raw))))
 
@@ -280,6 +293,114 @@ def load_math_dataset(
     )
     dataset = check_solutions(dataset, "solution", drop_empty=drop_empty_solutions, source_column=columns["solution"])
     return _drop_unverifiable(dataset, num_proc=num_proc)
+
+
+def load_openthoughts_math(
+    name_or_path: str = OPENTHOUGHTS_ID,
+    *,
+    config_name: str | None = None,
+    max_train_samples: int | None = PAPER_MAX_TRAIN_SAMPLES,
+    validation_size: int = DEFAULT_VALIDATION_SIZE,
+    seed: int = 42,
+    system_prompt: str | None = None,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    drop_empty_solutions: bool = False,
+    num_proc: int | None = None,
+) -> DatasetDict:
+    r"""
+    The paper's training data: the math subset of OpenThoughts-114k, split into train and a held-out validation set.
+
+    The rows of `open-thoughts/OpenThoughts-114k` (config `metadata`) with `domain == "math"` are converted as in
+    [`load_math_dataset`] with `source="openthoughts"`: the problem is the prompt, the privileged context is
+    `ground_truth_solution` (NuminaMath-CoT's reference solution; `deepseek_solution` where it is empty) and the answer
+    is the last `oxed{}` of that solution. Rows without a checkable answer are dropped and counted in a log line;
+    repeated problems are kept once, so no problem is in both splits. The rows are then shuffled with `seed`; the
+    first `validation_size` are the validation split (for checkpoint selection), and the train split is the next
+    `max_train_samples` rows. The validation split does not depend on `max_train_samples`.
+
+    Args:
+        name_or_path (`str`, *optional*, defaults to `"open-thoughts/OpenThoughts-114k"`):
+            Hub id, or a local file or folder in the `metadata` schema (`problem`, `deepseek_reasoning`,
+            `deepseek_solution`, `ground_truth_solution`, `domain`, `source`, ...).
+        config_name (`str` or `None`, *optional*, defaults to `None`):
+            Hub config; `None` reads `"metadata"`.
+        max_train_samples (`int` or `None`, *optional*, defaults to `30000`):
+            Most training problems (the paper's "up to 30K problem-solution pairs"); `None` keeps every other row.
+        validation_size (`int`, *optional*, defaults to `500`):
+            Problems held out for validation; `0` makes an empty validation split.
+        seed (`int`, *optional*, defaults to `42`):
+            Seed of the shuffle. The same data and seed give the same splits on every machine.
+        system_prompt, instruction, drop_empty_solutions, num_proc:
+            As in [`load_math_dataset`].
+
+    Returns:
+        [`~datasets.DatasetDict`]: `"train"` and `"validation"`, each with the columns `prompt`, `problem`, `answer`,
+        `solution`.
+
+    Raises:
+        `ValueError`: When `validation_size` or `max_train_samples` is negative or zero where that makes no sense, or
+        the math rows are too few to leave a training set beside the validation set.
+
+    Example:
+    ```python
+    >>> from trace_trl.data import load_openthoughts_math
+
+    >>> splits = load_openthoughts_math()  # at most 30,000 train problems, 500 validation problems
+    >>> train, validation = splits["train"], splits["validation"]
+    ```
+    """
+    from datasets import DatasetDict
+
+    if validation_size < 0:
+        raise ValueError(f"`validation_size` must be >= 0; got {validation_size}.")
+    if max_train_samples is not None and max_train_samples < 1:
+        raise ValueError(f"`max_train_samples` must be >= 1 or None; got {max_train_samples}.")
+    dataset = load_math_dataset(
+        name_or_path,
+        source="openthoughts",
+        config_name=config_name,
+        system_prompt=system_prompt,
+        instruction=instruction,
+        drop_empty_solutions=drop_empty_solutions,
+        num_proc=num_proc,
+    )
+    dataset = _drop_repeated_problems(dataset)
+    if len(dataset) <= validation_size:
+        raise ValueError(
+            f"{name_or_path} has {len(dataset)} usable math problems, too few for a validation split of "
+            f"{validation_size} and a training split: lower `validation_size`."
+        )
+    dataset = dataset.shuffle(seed=seed).flatten_indices()
+    validation = dataset.select(range(validation_size))
+    rest = len(dataset) - validation_size
+    num_train = rest if max_train_samples is None else min(max_train_samples, rest)
+    train = dataset.select(range(validation_size, validation_size + num_train))
+    logger.info(
+        "OpenThoughts math: %d train and %d validation problems (seed %d; %d more left unused by max_train_samples=%s).",
+        len(train),
+        len(validation),
+        seed,
+        rest - num_train,
+        max_train_samples,
+    )
+    return DatasetDict({"train": train, "validation": validation})
+
+
+def _drop_repeated_problems(dataset: Dataset) -> Dataset:
+    # A problem repeated in the source must not land in both splits: the validation score would then be inflated.
+    seen: set[str] = set()
+    keep = []
+    for i, problem in enumerate(dataset["problem"]):
+        key = " ".join(problem.split()).lower()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) < len(dataset):
+        logger.warning(
+            "Dropping %d of %d rows that repeat an earlier problem.", len(dataset) - len(keep), len(dataset)
+        )
+        dataset = dataset.select(keep)
+    return dataset
 
 
 def guess_source(name_or_path: str) -> str:
@@ -420,11 +541,56 @@ def _convert_custom(example: dict[str, Any], columns: dict[str, str], **kwargs: 
     return _row(example[columns["problem"]], answer, solution, **kwargs)
 
 
+def _convert_openthoughts(example: dict[str, Any], columns: dict[str, str], **kwargs: Any) -> dict[str, Any]:
+    # The privileged context is the dataset's own reference solution (NuminaMath-CoT's worked solution, which
+    # OpenThoughts used as the gold label to verify DeepSeek-R1's answers), not R1's answer: it is the
+    # "verified reference solution" the paper gives the teacher, and it is short. R1's final solution (its summary
+    # after `deepseek_reasoning`, not the reasoning itself) stands in only where the reference is empty.
+    reference = example[columns["solution"]]
+    fallback = example[columns["fallback_solution"]]
+    solution = reference if reference and str(reference).strip() else fallback
+    answer = extract_boxed(reference) or extract_boxed(fallback)
+    return _row(example[columns["problem"]], answer, solution, **kwargs)
+
+
+def _openthoughts_math_rows(raw: Dataset, *, name_or_path: str, keep_columns: Sequence[str]) -> Dataset:
+    """The `domain == "math"` rows of OpenThoughts-114k's `metadata` config, with only the columns the loader reads."""
+    if "domain" not in raw.column_names and "conversations" in raw.column_names:
+        raise ValueError(
+            f"{name_or_path} has the columns {raw.column_names}: that is OpenThoughts-114k's `default` config, which "
+            "has no problem, reference solution or domain column. Load its `metadata` config instead "
+            "(`config_name='metadata'`, or `dataset_config: metadata` in a recipe)."
+        )
+    for role, column in _SOURCE_COLUMNS["openthoughts"].items():
+        _require_column(raw, column, role=role, name_or_path=name_or_path)
+    wanted = [*_SOURCE_COLUMNS["openthoughts"].values(), *keep_columns]
+    # Dropping the long `deepseek_reasoning` traces before the filter keeps it cheap on the 114k-row dataset.
+    raw = raw.select_columns(list(dict.fromkeys(c for c in wanted if c in raw.column_names)))
+    total = len(raw)
+    raw = raw.filter(lambda domain: domain == "math", input_columns="domain")
+    logger.info(
+        "OpenThoughts: kept %d math rows of %d (dropped %d of other domains).", len(raw), total, total - len(raw)
+    )
+    return raw
+
+
 # Columns each known schema reads (role -> column); gsm8k's "solution" role is its combined `answer` column.
 _SOURCE_COLUMNS: dict[str, dict[str, str]] = {
     "math": {"problem": "problem", "solution": "solution"},
     "gsm8k": {"problem": "question", "solution": "answer"},
     "numina": {"problem": "problem", "solution": "solution"},
     "openr1": {"problem": "problem", "answer": "answer", "solution": "solution"},
+    "openthoughts": {
+        "problem": "problem",
+        "solution": "ground_truth_solution",
+        "fallback_solution": "deepseek_solution",
+        "domain": "domain",
+    },
 }
-_CONVERTERS = {"math": _convert_boxed, "gsm8k": _convert_gsm8k, "numina": _convert_boxed, "openr1": _convert_custom}
+_CONVERTERS = {
+    "math": _convert_boxed,
+    "gsm8k": _convert_gsm8k,
+    "numina": _convert_boxed,
+    "openr1": _convert_custom,
+    "openthoughts": _convert_openthoughts,
+}

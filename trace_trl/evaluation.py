@@ -22,9 +22,15 @@ Benchmarks and their Hub schemas (columns read in bold):
 GPQA-Diamond's four options are shuffled with a fixed seed per question (`random.Random(f"{seed}:{Record ID}")`), so
 the gold letter is the same on every run and machine.
 
+Every avg@k (per benchmark, and the unweighted mean over the benchmarks) comes with a percentile-bootstrap confidence
+interval over problems ([`bootstrap_ci`]), as the paper reports.
+
+`--paper` applies the paper's evaluation settings (`PAPER_SAMPLING`): Qwen3 thinking mode, temperature 0.6, top-p
+0.95, top-k 20, 8 samples per problem (avg@8); a flag given explicitly still wins.
+
 Example:
 ```bash
-trace-trl eval --model Qwen/Qwen3-1.7B --num-samples 16 --temperature 0.6 --top-p 0.95 --max-new-tokens 32768 \
+trace-trl eval --model Qwen/Qwen3-1.7B --paper --max-new-tokens 32768 \
     --backend vllm --output-dir eval/qwen3-1.7b --compare eval/grpo/results.json
 ```
 """
@@ -37,6 +43,7 @@ import logging
 import math
 import random
 import sys
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +63,20 @@ CHOICE_INSTRUCTION = (
 )
 SCORERS: tuple[str, ...] = ("math_verify", "boxed_match")
 BACKENDS: tuple[str, ...] = ("auto", "hf", "vllm")
+
+# The paper's evaluation (Qwen3's recommended thinking-mode sampling): thinking on, temperature 0.6, top-p 0.95,
+# top-k 20, avg@8. `trace-trl eval --paper` applies it.
+PAPER_SAMPLING: dict[str, Any] = {
+    "temperature": 0.6,
+    "top_p": 0.95,
+    "top_k": 20,
+    "num_samples": 8,
+    "enable_thinking": True,
+}
+# Defaults without `--paper` (top-k `None`: no top-k filtering).
+DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.6, "top_p": 0.95, "top_k": None, "num_samples": 1}
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_CONFIDENCE = 0.95
 
 
 @dataclass
@@ -239,6 +260,96 @@ def score_samples(per_problem_correct: Sequence[Sequence[bool]]) -> dict[str, fl
     return {"avg@k": avg, "pass@k": passed}
 
 
+def per_problem_scores(per_problem_correct: Sequence[Sequence[bool]]) -> list[float]:
+    """The fraction of correct samples of each problem: the values whose mean over problems is avg@k."""
+    return [sum(map(bool, samples)) / len(samples) for samples in per_problem_correct]
+
+
+def bootstrap_means(
+    scores: Sequence[float], *, num_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, stream: str = ""
+):
+    r"""
+    Means of `num_resamples` bootstrap resamples of `scores` (problems drawn with replacement, as many as there are).
+
+    The draws come from `numpy.random.default_rng([seed, crc32(stream)])`, so one benchmark's resamples (`stream` is
+    its name) are the same whichever other benchmarks run.
+
+    Returns:
+        `numpy.ndarray`: Shape `[num_resamples]`.
+    """
+    import numpy as np
+
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError("The bootstrap needs a non-empty list of per-problem scores.")
+    if num_resamples < 1:
+        raise ValueError(f"`num_resamples` must be >= 1; got {num_resamples}.")
+    rng = np.random.default_rng([seed, zlib.crc32(stream.encode())])
+    indices = rng.integers(0, values.size, size=(num_resamples, values.size))
+    return values[indices].mean(axis=1)
+
+
+def percentile_interval(resampled_means, confidence: float = BOOTSTRAP_CONFIDENCE) -> tuple[float, float]:
+    r"""
+    The percentile interval of bootstrap means: the $(1-c)/2$ and $(1+c)/2$ quantiles (linear interpolation).
+    """
+    import numpy as np
+
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"`confidence` must be in (0, 1); got {confidence}.")
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(np.asarray(resampled_means), [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    scores: Sequence[float],
+    *,
+    num_resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = BOOTSTRAP_CONFIDENCE,
+    seed: int = 0,
+    stream: str = "",
+) -> tuple[float, float]:
+    r"""
+    Percentile-bootstrap confidence interval of the mean of per-problem `scores` (e.g. avg@k).
+
+    Resample the $n$ problems with replacement `num_resamples` times, take each resample's mean $\bar s^{(b)}$, and
+    return the $(1-c)/2$ and $(1+c)/2$ quantiles of $\{\bar s^{(b)}\}$. The $k$ samples of a problem stay together:
+    the problem, not the sample, is the unit drawn. Seeded, so the same scores give the same interval.
+
+    Example:
+    ```python
+    >>> bootstrap_ci([1.0, 1.0, 1.0])  # no spread, no uncertainty
+    (1.0, 1.0)
+    ```
+    """
+    means = bootstrap_means(scores, num_resamples=num_resamples, seed=seed, stream=stream)
+    return percentile_interval(means, confidence)
+
+
+def benchmark_mean_ci(
+    scores_by_benchmark: dict[str, Sequence[float]],
+    *,
+    num_resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = BOOTSTRAP_CONFIDENCE,
+    seed: int = 0,
+) -> tuple[float, float]:
+    r"""
+    Percentile-bootstrap interval of the unweighted mean over benchmarks of their avg@k.
+
+    Each benchmark's problems are resampled on their own (a stratified bootstrap: a resample keeps every benchmark's
+    size), the $b$-th resample's benchmark means are averaged with equal weights, and the interval is the percentile
+    interval of those averages. The per-benchmark resamples are the ones [`bootstrap_ci`] draws for that benchmark.
+    """
+    if not scores_by_benchmark:
+        raise ValueError("The bootstrap of the mean needs at least one benchmark.")
+    resampled = [
+        bootstrap_means(scores, num_resamples=num_resamples, seed=seed, stream=name)
+        for name, scores in scores_by_benchmark.items()
+    ]
+    return percentile_interval(sum(resampled) / len(resampled), confidence)
+
+
 def grade(problem: Problem, completions: list[str], *, scorer: str = "math_verify") -> list[bool]:
     """Correctness of each completion of `problem` (an unparseable gold answer counts every sample as wrong)."""
     from .rewards import accuracy_reward, boxed_match_reward, multiple_choice_reward
@@ -304,6 +415,8 @@ class SamplingSettings:
     max_new_tokens: int = 32768
     seed: int = 0
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # `None`: no top-k filtering (the HF backend passes 0, vLLM -1, so a model's generation config cannot add one).
+    top_k: int | None = None
 
 
 def render_prompts(tokenizer: Any, prompts: list[Messages], chat_template_kwargs: dict[str, Any]) -> list[str]:
@@ -369,7 +482,15 @@ class HFGenerator:
             batch = self.tokenizer(
                 texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(self.model.device)
-            sampling = {} if greedy else {"temperature": self.settings.temperature, "top_p": self.settings.top_p}
+            sampling = (
+                {}
+                if greedy
+                else {
+                    "temperature": self.settings.temperature,
+                    "top_p": self.settings.top_p,
+                    "top_k": self.settings.top_k or 0,
+                }
+            )
             with torch.no_grad():
                 generated = self.model.generate(
                     **batch,
@@ -416,6 +537,7 @@ class VLLMGenerator:
             n=num_samples,
             temperature=self.settings.temperature,
             top_p=self.settings.top_p if self.settings.temperature > 0 else 1.0,
+            top_k=self.settings.top_k if self.settings.top_k and self.settings.temperature > 0 else -1,
             max_tokens=self.settings.max_new_tokens,
             seed=self.settings.seed,
         )
@@ -479,13 +601,26 @@ def evaluate(
     settings: dict[str, Any] | None = None,
     scorer: str = "math_verify",
     keep_completions: bool = False,
+    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
+    confidence: float = BOOTSTRAP_CONFIDENCE,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
     """
     Run every benchmark through `generate` and collect the results document written as `results.json`.
 
+    Args:
+        bootstrap_resamples (`int`, *optional*, defaults to `1000`):
+            Resamples of the percentile bootstrap over problems ([`bootstrap_ci`]); `0` computes no interval.
+        confidence (`float`, *optional*, defaults to `0.95`):
+            Coverage of the intervals.
+        bootstrap_seed (`int`, *optional*, defaults to `0`):
+            Seed of the resampling.
+
     Returns:
         `dict`: `model`, `timestamp` (UTC, ISO 8601), `settings`, `benchmarks` (name -> [`evaluate_benchmark`]
-        output plus its display `name`) and `average` (mean avg@k and pass@k over the benchmarks).
+        output plus its display `name` and `avg@k_ci`, the `[low, high]` interval of its avg@k), `average` (the
+        unweighted mean of avg@k and pass@k over the benchmarks, and `avg@k_ci`, the stratified-bootstrap interval of
+        that mean, [`benchmark_mean_ci`]) and `bootstrap` (how the intervals were made).
     """
     from . import __version__
 
@@ -504,6 +639,23 @@ def evaluate(
     results["average"] = {
         metric: sum(s[metric] for s in scores) / len(scores) if scores else math.nan for metric in ("avg@k", "pass@k")
     }
+    if bootstrap_resamples > 0:
+        per_problem = {
+            name: per_problem_scores(benchmark["correct"])
+            for name, benchmark in results["benchmarks"].items()
+            if benchmark["correct"]
+        }
+        kwargs = {"num_resamples": bootstrap_resamples, "confidence": confidence, "seed": bootstrap_seed}
+        for name, values in per_problem.items():
+            results["benchmarks"][name]["avg@k_ci"] = list(bootstrap_ci(values, stream=name, **kwargs))
+        if per_problem and len(per_problem) == len(scores):
+            results["average"]["avg@k_ci"] = list(benchmark_mean_ci(per_problem, **kwargs))
+        results["bootstrap"] = {
+            "method": "percentile bootstrap over problems (stratified by benchmark for the mean)",
+            "num_resamples": bootstrap_resamples,
+            "confidence": confidence,
+            "seed": bootstrap_seed,
+        }
     return results
 
 
@@ -516,22 +668,36 @@ def _percent(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
+def _with_ci(value: float | None, interval: Sequence[float] | None) -> str:
+    # "75.00 [50.00, 100.00]": the estimate, then its bootstrap interval, in %.
+    if interval is None or value is None or math.isnan(value):
+        return _percent(value)
+    return f"{_percent(value)} [{_percent(interval[0])}, {_percent(interval[1])}]"
+
+
 def results_table(results: dict[str, Any], compare: Sequence[dict[str, Any]] = (), metric: str = "avg@k") -> str:
     """
     Markdown table of `metric` (in %) per benchmark and their average, one row per results document.
 
     Columns are always in `BENCHMARKS` order, so tables from different runs line up; `compare` adds rows from earlier
-    results. A row's average is over the table's columns, and `-` when that row lacks one of them.
+    results. A row's average is over the table's columns, and `-` when that row lacks one of them. For avg@k, a value
+    with a bootstrap interval in the results reads `estimate [low, high]`; the average's interval is shown when the
+    row's benchmarks are exactly the table's columns (it is the interval of that row's own mean).
     """
     rows = [results, *compare]
     names = _ordered_benchmarks(rows)
     header = ["Model", "k", *(DISPLAY_NAMES.get(n, n) for n in names), "Average"]
     lines = [f"| {' | '.join(header)} |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
+    ci_key = f"{metric}_ci"
     for row in rows:
         values = [row["benchmarks"][n][metric] if n in row["benchmarks"] else None for n in names]
+        intervals = [row["benchmarks"][n].get(ci_key) if n in row["benchmarks"] else None for n in names]
         average = None if any(v is None for v in values) or not values else sum(values) / len(values)
-        cells = [str(row["model"]), str(row["settings"].get("num_samples", "")), *map(_percent, values)]
-        lines.append(f"| {' | '.join([*cells, _percent(average)])} |")
+        same_columns = set(row["benchmarks"]) == set(names)
+        average_ci = row.get("average", {}).get(ci_key) if same_columns else None
+        cells = [str(row["model"]), str(row["settings"].get("num_samples", ""))]
+        cells += [_with_ci(v, ci) for v, ci in zip(values, intervals)]
+        lines.append(f"| {' | '.join([*cells, _with_ci(average, average_ci)])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -542,11 +708,21 @@ def write_results(results: dict[str, Any], output_dir: str | Path, compare: Sequ
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = results_table(results, compare)
     k = results["settings"].get("num_samples", "k")
+    settings = results["settings"]
+    bootstrap = results.get("bootstrap")
+    ci_note = (
+        f" Brackets: {100 * bootstrap['confidence']:g}% percentile-bootstrap interval over problems "
+        f"({bootstrap['num_resamples']} resamples, seed {bootstrap['seed']}).\n\n"
+        if bootstrap
+        else ""
+    )
+    thinking = settings.get("chat_template_kwargs", {}).get("enable_thinking", "-")
     markdown = (
         f"# Evaluation of {results['model']}\n\n{results['timestamp']}, k = {k} samples per problem, "
-        f"temperature {results['settings'].get('temperature', '-')}, top-p {results['settings'].get('top_p', '-')}, "
-        f"max new tokens {results['settings'].get('max_new_tokens', '-')}.\n\n"
-        f"## avg@{k} (%)\n\n{table}\n## pass@{k} (%)\n\n{results_table(results, compare, metric='pass@k')}"
+        f"temperature {settings.get('temperature', '-')}, top-p {settings.get('top_p', '-')}, "
+        f"top-k {settings.get('top_k') or '-'}, thinking {thinking}, "
+        f"max new tokens {settings.get('max_new_tokens', '-')}.\n\n"
+        f"## avg@{k} (%)\n\n{ci_note}{table}\n## pass@{k} (%)\n\n{results_table(results, compare, metric='pass@k')}"
     )
     (output_dir / "results.md").write_text(markdown)
     return table
@@ -573,9 +749,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="Read a benchmark from a local json/jsonl/parquet/csv file in the Hub schema (repeatable).",
     )
-    parser.add_argument("--num-samples", "-k", type=int, default=1, help="Samples per problem (k of avg@k).")
-    parser.add_argument("--temperature", type=float, default=0.6, help="Sampling temperature; 0 decodes greedily.")
-    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="The paper's evaluation settings: thinking mode on, temperature 0.6, top-p 0.95, top-k 20, 8 samples "
+        "(avg@8). Flags given explicitly still win.",
+    )
+    parser.add_argument(
+        "--num-samples", "-k", type=int, default=None, help="Samples per problem (k of avg@k); 1, or 8 with --paper."
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="Sampling temperature (default 0.6); 0 decodes greedily."
+    )
+    parser.add_argument("--top-p", type=float, default=None, help="Nucleus sampling (default 0.95).")
+    parser.add_argument("--top-k", type=int, default=None, help="Top-k sampling; 0 or unset: none (20 with --paper).")
     parser.add_argument("--max-new-tokens", type=int, default=32768)
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="auto: vLLM when importable and on GPU.")
     parser.add_argument("--batch-size", type=int, default=8, help="HF backend: prompts per generate call.")
@@ -593,7 +780,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--scorer", choices=SCORERS, default="math_verify", help="Grader of the math benchmarks.")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N problems of each benchmark.")
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed and GPQA option-shuffle seed.")
+    parser.add_argument("--seed", type=int, default=0, help="Sampling, GPQA option-shuffle and bootstrap seed.")
+    parser.add_argument(
+        "--bootstrap-resamples",
+        type=int,
+        default=BOOTSTRAP_RESAMPLES,
+        help="Resamples of the percentile bootstrap over problems for the avg@k intervals; 0: no intervals.",
+    )
+    parser.add_argument("--confidence", type=float, default=BOOTSTRAP_CONFIDENCE, help="Coverage of the intervals.")
     parser.add_argument("--output-dir", default="eval_results", help="Where results.json and results.md go.")
     parser.add_argument("--save-completions", action="store_true", help="Keep every completion in results.json.")
     parser.add_argument(
@@ -612,6 +806,24 @@ def _parse_files(pairs: Sequence[str]) -> dict[str, str]:
     return files
 
 
+def resolve_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """
+    The sampling settings of a parsed command line: explicit flags, else `PAPER_SAMPLING` with `--paper`, else
+    `DEFAULT_SAMPLING`. `--paper` also turns thinking on unless `--enable-thinking false` is given.
+    """
+    preset = PAPER_SAMPLING if args.paper else DEFAULT_SAMPLING
+    resolved = {
+        name: getattr(args, name) if getattr(args, name) is not None else preset[name] for name in DEFAULT_SAMPLING
+    }
+    if resolved["top_k"] == 0:
+        resolved["top_k"] = None
+    enable_thinking = args.enable_thinking
+    if enable_thinking is None and args.paper:
+        enable_thinking = "true"
+    resolved["enable_thinking"] = None if enable_thinking is None else enable_thinking == "true"
+    return resolved
+
+
 def main(argv: Sequence[str] | None = None, *, generate: Generate | None = None) -> int:
     """
     Entry point of `trace-trl eval`. `generate` replaces the backend (tests pass a scripted double).
@@ -627,8 +839,15 @@ def main(argv: Sequence[str] | None = None, *, generate: Generate | None = None)
         chat_template_kwargs = json.loads(args.chat_template_kwargs)
         if not isinstance(chat_template_kwargs, dict):
             raise ValueError("--chat-template-kwargs must be a JSON object.")
-        if args.num_samples < 1:
+        sampling_args = resolve_sampling(args)
+        if sampling_args["num_samples"] < 1:
             raise ValueError("--num-samples must be >= 1.")
+        if sampling_args["top_k"] is not None and sampling_args["top_k"] < 0:
+            raise ValueError("--top-k must be >= 0 (0: no top-k).")
+        if args.bootstrap_resamples < 0:
+            raise ValueError("--bootstrap-resamples must be >= 0 (0: no confidence intervals).")
+        if not 0.0 < args.confidence < 1.0:
+            raise ValueError("--confidence must be in (0, 1), e.g. 0.95.")
         compare = [json.loads(Path(path).read_text()) for path in args.compare]
         benchmarks = load_benchmarks(
             args.benchmarks, files=files, system_prompt=args.system_prompt, limit=args.limit, seed=args.seed
@@ -637,10 +856,18 @@ def main(argv: Sequence[str] | None = None, *, generate: Generate | None = None)
         parser.print_usage(sys.stderr)
         print(f"trace-trl eval: error: {exc}", file=sys.stderr)
         return 2
-    if args.enable_thinking is not None:
-        chat_template_kwargs["enable_thinking"] = args.enable_thinking == "true"
+    if sampling_args["enable_thinking"] is not None:
+        chat_template_kwargs["enable_thinking"] = sampling_args["enable_thinking"]
+    num_samples = sampling_args["num_samples"]
 
-    sampling = SamplingSettings(args.temperature, args.top_p, args.max_new_tokens, args.seed, chat_template_kwargs)
+    sampling = SamplingSettings(
+        temperature=sampling_args["temperature"],
+        top_p=sampling_args["top_p"],
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        chat_template_kwargs=chat_template_kwargs,
+        top_k=sampling_args["top_k"],
+    )
     backend = "custom" if generate is not None else args.backend
     if generate is None:
         llm_kwargs = {
@@ -664,15 +891,19 @@ def main(argv: Sequence[str] | None = None, *, generate: Generate | None = None)
         "system_prompt": args.system_prompt,
         "limit": args.limit,
         "benchmark_files": files,
+        "preset": "paper" if args.paper else None,
     }
     results = evaluate(
         args.model,
         benchmarks,
         generate,
-        num_samples=args.num_samples,
+        num_samples=num_samples,
         settings=settings,
         scorer=args.scorer,
         keep_completions=args.save_completions,
+        bootstrap_resamples=args.bootstrap_resamples,
+        confidence=args.confidence,
+        bootstrap_seed=args.seed,
     )
     table = write_results(results, args.output_dir, compare)
     print(table)

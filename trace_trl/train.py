@@ -65,8 +65,11 @@ class TraceScriptArguments(ScriptArguments):
 
     Args:
         dataset_source (`str` or `None`, *optional*, defaults to `None`):
-            Schema of the dataset: `"math"`, `"gsm8k"`, `"numina"`, `"openr1"` or `"custom"`; `None` guesses from
-            `dataset_name`.
+            Schema of the dataset: `"math"`, `"gsm8k"`, `"numina"`, `"openr1"`, `"openthoughts"` or `"custom"`;
+            `None` guesses from `dataset_name`. `"openthoughts"` is the paper's setup: the math rows of
+            OpenThoughts-114k (config `metadata`), shuffled with `dataset_seed`, split into a held-out validation set
+            of `validation_size` problems (the `eval_dataset`, for checkpoint selection) and a training set of at
+            most `max_train_samples` (30,000 unless set) problems; see [`~trace_trl.data.load_openthoughts_math`].
         prompt_column, answer_column, solution_column (`str`, *optional*):
             `"custom"` schema only: the columns with the problem, the gold answer (`None`: the last `\boxed{}` of the
             solution) and the reference solution (the teacher's privileged context).
@@ -79,7 +82,12 @@ class TraceScriptArguments(ScriptArguments):
         drop_empty_solutions (`bool`, *optional*, defaults to `False`):
             Drop rows without a reference solution instead of failing.
         max_train_samples (`int` or `None`, *optional*, defaults to `None`):
-            Keep only the first rows of the training split.
+            Keep only the first rows of the training split. `"openthoughts"`: the most training problems, after the
+            seeded shuffle (`None`: the paper's 30,000).
+        validation_size (`int`, *optional*, defaults to `500`):
+            `"openthoughts"` only: problems held out of training as the validation split.
+        dataset_seed (`int`, *optional*, defaults to `42`):
+            `"openthoughts"` only: seed of the shuffle that makes the train/validation split.
         reward_funcs (`list[str]`, *optional*, defaults to `["accuracy_reward", "format_reward"]`):
             Reward functions by name (`trace_trl.rewards.REWARD_FUNCTIONS`) or dotted import path. Weights go in
             `reward_weights` (a `TRACEConfig` field).
@@ -112,8 +120,9 @@ class TraceScriptArguments(ScriptArguments):
     dataset_source: str | None = field(
         default=None,
         metadata={
-            "help": "Dataset schema: 'math', 'gsm8k', 'numina', 'openr1' or 'custom'; None guesses from dataset_name.",
-            "choices": ["math", "gsm8k", "numina", "openr1", "custom"],
+            "help": "Dataset schema: 'math', 'gsm8k', 'numina', 'openr1', 'openthoughts' (the paper's: OpenThoughts-114k "
+            "math rows with a held-out validation split) or 'custom'; None guesses from dataset_name.",
+            "choices": ["math", "gsm8k", "numina", "openr1", "openthoughts", "custom"],
         },
     )
     prompt_column: str = field(default="problem", metadata={"help": "'custom' schema: column with the problem."})
@@ -136,7 +145,19 @@ class TraceScriptArguments(ScriptArguments):
         default=False, metadata={"help": "Drop rows without a reference solution instead of failing."}
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Keep only the first rows of the training split."}
+        default=None,
+        metadata={
+            "help": "Keep only the first rows of the training split. 'openthoughts': most training problems after the "
+            "seeded shuffle (None: the paper's 30000)."
+        },
+    )
+    validation_size: int = field(
+        default=500,
+        metadata={"help": "'openthoughts' only: problems held out as the validation split (the eval_dataset)."},
+    )
+    dataset_seed: int = field(
+        default=42,
+        metadata={"help": "'openthoughts' only: seed of the shuffle that makes the train/validation split."},
     )
 
     # Rewards
@@ -444,6 +465,64 @@ def build_annotator(script_args: TraceScriptArguments):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def load_datasets(script_args: TraceScriptArguments, training_args) -> tuple[Any, Any]:
+    """
+    The training set and the evaluation set (`None` when `eval_strategy` is `"no"`) a recipe asks for.
+
+    `dataset_source: openthoughts` makes both from one Hub split ([`~trace_trl.data.load_openthoughts_math`]): the
+    evaluation set is the held-out validation split, disjoint from training. Other sources read `dataset_train_split`
+    and `dataset_test_split`.
+    """
+    from . import data
+
+    if not script_args.dataset_name:
+        raise ValueError("Set `dataset_name` (a Hub dataset id or a local .jsonl/.parquet file) in the recipe.")
+    evaluating = training_args.eval_strategy != "no"
+    source = script_args.dataset_source or data.guess_source(script_args.dataset_name)
+    if source == "openthoughts":
+        if evaluating and script_args.validation_size == 0:
+            raise ValueError(
+                "`eval_strategy` is on but `validation_size` is 0: set `validation_size` (e.g. 500) to hold out "
+                "OpenThoughts problems for evaluation, or `eval_strategy: no`."
+            )
+        max_train = script_args.max_train_samples
+        splits = data.load_openthoughts_math(
+            script_args.dataset_name,
+            config_name=script_args.dataset_config,
+            max_train_samples=data.PAPER_MAX_TRAIN_SAMPLES if max_train is None else max_train,
+            validation_size=script_args.validation_size,
+            seed=script_args.dataset_seed,
+            system_prompt=script_args.system_prompt,
+            instruction=script_args.instruction,
+            drop_empty_solutions=script_args.drop_empty_solutions,
+        )
+        return splits["train"], splits["validation"] if evaluating else None
+
+    dataset_kwargs = dict(
+        source=source,
+        config_name=script_args.dataset_config,
+        prompt_column=script_args.prompt_column,
+        answer_column=script_args.answer_column,
+        solution_column=script_args.solution_column,
+        system_prompt=script_args.system_prompt,
+        instruction=script_args.instruction,
+        strip_thinking=script_args.strip_thinking,
+        drop_empty_solutions=script_args.drop_empty_solutions,
+    )
+    train_dataset = data.load_math_dataset(
+        script_args.dataset_name,
+        split=script_args.dataset_train_split,
+        limit=script_args.max_train_samples,
+        **dataset_kwargs,
+    )
+    eval_dataset = None
+    if evaluating:
+        eval_dataset = data.load_math_dataset(
+            script_args.dataset_name, split=script_args.dataset_test_split, **dataset_kwargs
+        )
+    return train_dataset, eval_dataset
+
+
 def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
     """Train from parsed arguments; returns the trainer."""
     import datasets
@@ -452,7 +531,6 @@ def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import get_peft_config, get_quantization_config
 
-    from .data import load_math_dataset
     from .trainer import TRACETrainer
 
     set_seed(training_args.seed)
@@ -486,30 +564,7 @@ def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
     ################
     # Load datasets
     ################
-    if not script_args.dataset_name:
-        raise ValueError("Set `dataset_name` (a Hub dataset id or a local .jsonl/.parquet file) in the recipe.")
-    dataset_kwargs = dict(
-        source=script_args.dataset_source,
-        config_name=script_args.dataset_config,
-        prompt_column=script_args.prompt_column,
-        answer_column=script_args.answer_column,
-        solution_column=script_args.solution_column,
-        system_prompt=script_args.system_prompt,
-        instruction=script_args.instruction,
-        strip_thinking=script_args.strip_thinking,
-        drop_empty_solutions=script_args.drop_empty_solutions,
-    )
-    train_dataset = load_math_dataset(
-        script_args.dataset_name,
-        split=script_args.dataset_train_split,
-        limit=script_args.max_train_samples,
-        **dataset_kwargs,
-    )
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_math_dataset(
-            script_args.dataset_name, split=script_args.dataset_test_split, **dataset_kwargs
-        )
+    train_dataset, eval_dataset = load_datasets(script_args, training_args)
 
     ################
     # Load tokenizer
