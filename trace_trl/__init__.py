@@ -9,7 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Heavy modules (torch, transformers, trl) load on first use, so `import trace_trl` and `trace-trl --help` are fast.
 _LAZY_ATTRIBUTES = {
