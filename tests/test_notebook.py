@@ -50,3 +50,42 @@ def test_quickstart_notebook_runs_on_cpu(tmp_path, monkeypatch):
     assert "<mark" in html, "the annotated rollouts show highlighted spans"
     assert any("image/png" in o.get("data", {}) for o in outputs if o.output_type == "display_data"), "the curves"
     assert elapsed < 120, f"the notebook took {elapsed:.0f}s on CPU"
+
+
+# Third-party imports of the notebook and the extra of setup.cfg that installs each.
+_EXTRA_OF_MODULE = {"peft": "peft", "matplotlib": "notebook", "IPython": "notebook", "openai": "openai"}
+
+
+def _setup_cfg_extras() -> dict[str, str]:
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    return dict(parser["options.extras_require"])
+
+
+def test_install_line_installs_what_the_notebook_needs_and_works_before_pypi():
+    """The notebook's own pip line installs from the repository (the package is not on PyPI yet) with every extra the
+    code cells need, and each extra exists in setup.cfg."""
+    import json
+    import re
+
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    intro = "".join(cells[0]["source"])
+    installs = re.findall(r"^pip install (.+?)(?:\s+#.*)?$", intro, re.MULTILINE)
+    assert installs, "the first cell shows how to install"
+    code = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
+    needed = {
+        extra for module, extra in _EXTRA_OF_MODULE.items() if re.search(rf"^\s*(from|import) {module}\b", code, re.M)
+    }
+    if re.search(r"\baccuracy_reward\b", code):
+        needed.add("math")  # math-verify
+    assert needed >= {"peft", "math", "notebook"}
+    extras = _setup_cfg_extras()
+    for line in installs:
+        spec = line.strip().strip("\"'")
+        # Not a bare PyPI requirement: a checkout (`-e .`, `.`) or the repository URL.
+        assert spec.startswith(("-e ", ".")) or "@ git+https://" in spec, line
+        listed = set(re.search(r"\[([^\]]+)\]", spec).group(1).split(","))
+        assert needed <= listed, f"{line!r} misses the extras {sorted(needed - listed)}"
+        assert listed <= set(extras), f"{line!r} names extras that setup.cfg lacks: {sorted(listed - set(extras))}"

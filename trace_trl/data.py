@@ -412,10 +412,47 @@ def guess_source(name_or_path: str) -> str:
     return "custom"
 
 
+# A Hub dataset id: `name` or `owner/name`, no other separator.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """Whether `name_or_path` can only be a local path, never a Hub dataset id.
+
+    True when it starts with `/`, `./`, `../` or `~`, ends in a data-file extension (`.jsonl`, `.parquet`, ...), or
+    holds a path separator in a way no Hub id does (`owner/name` holds exactly one `/`; `a/b/c` or `data\\x` are paths).
+    """
+    name = str(name_or_path)
+    separators = tuple(filter(None, (os.sep, os.altsep, "/")))
+    if name.startswith(("~", *(prefix + sep for prefix in ("", ".", "..") for sep in separators))):
+        return True
+    if name in (".", "..") or os.path.splitext(name)[1].lower() in _FILE_BUILDERS:
+        return True
+    return any(sep in name for sep in separators) and not _HUB_ID.match(name)
+
+
+def check_local_dataset_path(name_or_path: str) -> None:
+    """Raise `FileNotFoundError` when `name_or_path` is a local path (see `looks_like_local_path`) that does not exist.
+
+    Without it, `datasets` would take the missing path for a Hub id and report a Hub failure after its retries.
+    """
+    if looks_like_local_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        resolved = os.path.abspath(os.path.expanduser(name_or_path))
+        raise FileNotFoundError(
+            f"The dataset path {name_or_path!r} does not exist (resolved to {resolved!r}). Fix the path (relative "
+            "paths start from the current folder), or give a Hub dataset id such as `owner/name`."
+        )
+
+
 def load_raw_dataset(name_or_path: str, *, split: str = "train", config_name: str | None = None) -> Dataset:
-    """Load a Hub dataset, a local data file (json/jsonl/parquet/csv) or a local dataset folder, unchanged."""
+    """Load a Hub dataset, a local data file (json/jsonl/parquet/csv) or a local dataset folder, unchanged.
+
+    A local path that does not exist raises `FileNotFoundError` at once, without asking the Hub.
+    """
     from datasets import load_dataset
 
+    check_local_dataset_path(name_or_path)
+    name_or_path = os.path.expanduser(name_or_path)
     extension = os.path.splitext(name_or_path)[1].lower()
     if os.path.isfile(name_or_path):
         if extension not in _FILE_BUILDERS:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
-import inspect
 import json
 import os
 import sys
@@ -22,6 +21,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .annotator_factory import ANNOTATORS as ANNOTATOR_NAMES
+from .annotator_factory import REGEX_CONSTANTS, SPAN_FORMATS, annotator_choices
 from .annotators.base import Annotation, AnnotationRequest, prompt_to_text
 from .annotators.redaction import redact
 from .spans import Span
@@ -96,7 +97,10 @@ def read_jsonl(path: str | Path) -> list[Row]:
 
 def load_rows(source: str, *, split: str = "train", config: str | None = None) -> list[Row]:
     """Rows of a local JSONL/JSON file, or of a Hub dataset (`datasets.load_dataset(source, config, split=split)`)."""
-    path = Path(source)
+    from .data import check_local_dataset_path
+
+    check_local_dataset_path(source)  # a missing file says so, instead of a Hub failure after retries
+    path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".jsonl":
         return read_jsonl(path)
     from datasets import load_dataset
@@ -329,45 +333,44 @@ class AnnotationView:
 # --- command line -------------------------------------------------------------------------------------------------------
 
 
-def _openai_annotator(args: argparse.Namespace) -> Any:
-    from .annotators.openai_api import OpenAIAnnotator
+def _annotator_defaults() -> dict[str, Any]:
+    """The annotator settings' defaults: those of `trace-trl train` (`TraceScriptArguments`), so both agree."""
+    from .train import TraceScriptArguments
 
-    if not args.model:
-        raise SystemExit("trace-trl annotate: --annotator openai needs --model.")
-    return OpenAIAnnotator(
-        args.model,
-        base_url=args.base_url,
-        api_key_env=args.api_key_env,
-        max_concurrency=args.max_concurrency,
-        timeout=args.timeout,
-        max_retries=args.max_retries,
-        cache_dir=args.cache_dir,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        use_json_schema=not args.no_json_schema,
-        span_format=args.span_format,
-        **({"max_answer_chars": args.max_answer_chars} if args.max_answer_chars is not None else {}),
-    )
+    defaults = {}
+    for f in dataclasses.fields(TraceScriptArguments):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    return defaults
 
 
-def _heuristic_annotator(name: str) -> Callable[[argparse.Namespace], Any]:
-    def build(args: argparse.Namespace) -> Any:
-        from .annotators import heuristic
+def _build_from_flags(args: argparse.Namespace) -> Any:
+    """The annotator `--annotator` names, built by the builder `trace-trl train` uses, from the parsed flags."""
+    from .annotator_factory import NEEDS_TRAINER, build_annotator, canonical_annotator_name
 
-        cls = getattr(heuristic, name)
-        accepts_seed = "seed" in inspect.signature(cls).parameters
-        return cls(seed=args.seed) if accepts_seed else cls()
+    name = canonical_annotator_name(args.annotator)
+    if name in NEEDS_TRAINER:
+        raise SystemExit(
+            f"trace-trl annotate: --annotator {args.annotator} needs the policy being trained (it annotates with the "
+            "trainer's model), so it runs only inside `trace-trl train`. Use openai (any OpenAI-compatible server, "
+            "e.g. a local vLLM serving the same model) here."
+        )
+    settings = argparse.Namespace(**{**_annotator_defaults(), **vars(args), "annotator": name})
+    # Repeatable flags start empty (argparse appends to a list default); unset means the shared default.
+    for field_name in ("regex_key_patterns", "regex_error_patterns"):
+        if getattr(args, field_name) is None:
+            setattr(settings, field_name, _annotator_defaults()[field_name])
+    try:
+        return build_annotator(settings)
+    except ValueError as exc:
+        raise SystemExit(f"trace-trl annotate: {exc}") from None
 
-    return build
 
-
-# The annotators the command line can build; `SelfAnnotator` needs a trainer and is not among them.
-ANNOTATORS: dict[str, Callable[[argparse.Namespace], Any]] = {
-    "openai": _openai_annotator,
-    "regex": _heuristic_annotator("RegexAnnotator"),
-    "all-tokens": _heuristic_annotator("AllTokensAnnotator"),
-    "random": _heuristic_annotator("RandomSpanAnnotator"),
-}
+# The annotators the command line can build (the names of `trace-trl train`, hyphens or underscores); each entry takes
+# the parsed flags. The annotators that need the trainer (`self`, ...) are listed so that asking for them says why not.
+ANNOTATORS: dict[str, Callable[[argparse.Namespace], Any]] = {name: _build_from_flags for name in annotator_choices()}
 
 
 def _annotate_parser() -> argparse.ArgumentParser:
@@ -392,28 +395,107 @@ def _annotate_parser() -> argparse.ArgumentParser:
         "--correct-threshold", type=float, default=0.5, help="a numeric correctness column is compared to this"
     )
     data.add_argument("--limit", type=int, default=None, help="annotate only the first N rows")
-    run = parser.add_argument_group("annotator")
-    run.add_argument("--annotator", choices=sorted(ANNOTATORS), default="openai")
-    run.add_argument("--batch-size", type=int, default=64, help="rollouts per annotator call")
-    run.add_argument("--seed", type=int, default=0, help="seed of the random-span annotator")
-    run.add_argument("--model", default=None, help="model name on the server (--annotator openai)")
-    run.add_argument("--base-url", default=None, help="OpenAI-compatible server URL, e.g. http://localhost:8000/v1")
-    run.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    run.add_argument("--max-concurrency", type=int, default=16)
-    run.add_argument("--timeout", type=float, default=60.0)
-    run.add_argument("--max-retries", type=int, default=3)
-    run.add_argument("--cache-dir", default=None, help="persistent annotation cache (SQLite), shareable between runs")
-    run.add_argument("--temperature", type=float, default=0.0)
-    run.add_argument("--max-tokens", type=int, default=1024)
-    run.add_argument("--no-json-schema", action="store_true", help="do not send response_format=json_schema")
-    run.add_argument(
-        "--span-format",
-        choices=["segments", "quotes"],
-        default="segments",
-        help="annotation protocol (--annotator openai): numbered segments (the paper's) or verbatim quotes",
+    run = parser.add_argument_group(
+        "annotator", "the annotators, names and defaults of `trace-trl train` (its field in brackets)"
     )
     run.add_argument(
+        "--annotator",
+        choices=sorted(ANNOTATORS),
+        default="openai",
+        metavar="NAME",
+        help=f"one of {', '.join(n for n in ANNOTATOR_NAMES if n != 'none')} (hyphens work too: all-tokens)",
+    )
+    run.add_argument("--batch-size", type=int, default=64, help="rollouts per annotator call")
+    defaults = _annotator_defaults()
+    regex = parser.add_argument_group("regex annotator")
+    regex.add_argument(
+        "--regex-key-pattern",
+        dest="regex_key_patterns",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help=f"key-span pattern, repeatable: a regex or {', '.join(REGEX_CONSTANTS)} "
+        f"(default: {' '.join(defaults['regex_key_patterns'])}) [regex_key_patterns]",
+    )
+    regex.add_argument(
+        "--regex-error-pattern",
+        dest="regex_error_patterns",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="error-span pattern, repeatable, as --regex-key-pattern "
+        f"(default: {' '.join(defaults['regex_error_patterns'])}) [regex_error_patterns]",
+    )
+    rand = parser.add_argument_group("random, inverted and all-tokens annotators")
+    rand.add_argument("--seed", dest="random_seed", type=int, default=defaults["random_seed"], help="[random_seed]")
+    rand.add_argument(
+        "--random-span-fraction",
+        dest="random_span_fraction",
+        type=float,
+        default=defaults["random_span_fraction"],
+        help="fraction of each completion covered (random, inverted-*) [random_span_fraction]",
+    )
+    rand.add_argument(
+        "--random-num-spans",
+        dest="random_num_spans",
+        type=int,
+        default=defaults["random_num_spans"],
+        help="spans per rollout (random) [random_num_spans]",
+    )
+    rand.add_argument(
+        "--all-tokens-incorrect",
+        dest="all_tokens_incorrect",
+        action="store_true",
+        help="all-tokens: also mark incorrect rollouts (error spans) [all_tokens_incorrect]",
+    )
+    api = parser.add_argument_group("openai annotator (and random-like-openai, inverted-openai)")
+    api.add_argument(
+        "--model", dest="annotator_model", default=None, help="model name on the server [annotator_model]"
+    )
+    api.add_argument(
+        "--base-url",
+        dest="annotator_base_url",
+        default=None,
+        help="OpenAI-compatible server URL, e.g. http://localhost:8000/v1 [annotator_base_url]",
+    )
+    api.add_argument(
+        "--api-key-env",
+        dest="annotator_api_key_env",
+        default=defaults["annotator_api_key_env"],
+        help="environment variable holding the API key [annotator_api_key_env]",
+    )
+    api.add_argument(
+        "--max-concurrency", dest="annotator_max_concurrency", type=int, default=defaults["annotator_max_concurrency"]
+    )
+    api.add_argument("--timeout", dest="annotator_timeout", type=float, default=defaults["annotator_timeout"])
+    api.add_argument(
+        "--max-retries", dest="annotator_max_retries", type=int, default=defaults["annotator_max_retries"]
+    )
+    api.add_argument(
+        "--cache-dir",
+        dest="annotator_cache_dir",
+        default=None,
+        help="persistent annotation cache (SQLite), shareable between runs [annotator_cache_dir]",
+    )
+    api.add_argument("--temperature", dest="annotator_temperature", type=float, default=None, help="(default 0.0)")
+    api.add_argument("--max-tokens", dest="annotator_max_tokens", type=int, default=None, help="(default 1024)")
+    api.add_argument("--max-key-spans", dest="annotator_max_key_spans", type=int, default=None, help="(default 3)")
+    api.add_argument(
+        "--no-json-schema",
+        dest="annotator_use_json_schema",
+        action="store_false",
+        help="do not send response_format=json_schema [annotator_use_json_schema]",
+    )
+    api.add_argument(
+        "--span-format",
+        dest="annotator_span_format",
+        choices=list(SPAN_FORMATS),
+        default=defaults["annotator_span_format"],
+        help="annotation protocol: numbered segments (the paper's) or verbatim quotes [annotator_span_format]",
+    )
+    api.add_argument(
         "--max-answer-chars",
+        dest="annotator_max_answer_chars",
         type=int,
         default=None,
         help="longest annotator answer read (default 200000); longer answers fail as answer_too_long",
@@ -469,7 +551,7 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
         correct_threshold=args.correct_threshold,
     )
     annotator = ANNOTATORS[args.annotator](args)
-    secrets = [os.environ.get(args.api_key_env)]
+    secrets = [os.environ.get(args.annotator_api_key_env)]
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     written: list[Row] = []

@@ -303,3 +303,15 @@ REWARD_FUNCTIONS: dict[str, Callable[..., list[float | None]]] = {
     "format_reward": format_reward,
     "multiple_choice_reward": multiple_choice_reward,
 }
+# Reward functions that need the optional `math-verify` package (`pip install 'trace-trl[math]'`).
+NEEDS_MATH_VERIFY: frozenset[str] = frozenset({"accuracy_reward"})
+
+
+def check_reward_dependencies(reward_funcs: list[Callable[..., Any]]) -> None:
+    """Raise `ImportError` now, naming the fix, when a reward function's optional dependency is missing.
+
+    Without this check the first call fails, after the model has loaded and the first rollouts were generated.
+    """
+    for func in reward_funcs:
+        if getattr(func, "__name__", None) in NEEDS_MATH_VERIFY and getattr(func, "__module__", None) == __name__:
+            _math_verify()

@@ -135,6 +135,58 @@ def type_label_for_rollout(annotation: Annotation, is_correct: bool) -> tuple[st
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Generation batches with the KL weight > 0 and no routed token, from the start of the run, before `explain_unrouted`'s
+# warning. One empty batch happens (a group all correct under TRACE-RKL); several in a row point at the configuration.
+UNROUTED_BATCHES_BEFORE_WARNING = 3
+
+
+def explain_unrouted(totals: Mapping[str, float], key_span_action: str, error_span_action: str, batches: int) -> str:
+    """Why the KL channel routed no token over the first `batches` generation batches, and the likely fix.
+
+    `totals` sums the builder's per-batch counts over those batches: `key` / `error` (tokens labelled with a span of
+    the kind the rollout's correctness keeps), `correct`, `rollouts`, `failures`, `dropped_spans`. A label is routed
+    when its kind's action is not `"grpo"`, so nothing routed means: every annotation failed, or the annotator marked
+    only the kind the run leaves to GRPO, or no rollout had the correctness the routed kind needs, or no span at all.
+    """
+    routes_key, routes_error = key_span_action != "grpo", error_span_action != "grpo"
+    if not routes_key and not routes_error:
+        cause = "both `key_span_action` and `error_span_action` are 'grpo', so no span kind is routed"
+    elif totals.get("rollouts", 0) and totals.get("failures", 0) >= totals["rollouts"]:
+        cause = "every annotation failed (see `trace/annotation_failures` and the annotator's logged errors)"
+    elif totals.get("key", 0) > 0 and not routes_key:
+        cause = (
+            "the annotator marks key spans in correct rollouts, but `key_span_action` is 'grpo': this run routes only "
+            f"error spans of incorrect rollouts (`error_span_action={error_span_action!r}`, e.g. the TRACE-RKL preset). "
+            "Have the annotator mark error spans (regex: `regex_error_patterns`, e.g. BOXED for the wrong final "
+            "answer), or route key spans (`key_span_action: fkl`)"
+        )
+    elif totals.get("error", 0) > 0 and not routes_error:
+        cause = (
+            "the annotator marks error spans in incorrect rollouts, but `error_span_action` is 'grpo': this run routes "
+            f"only key spans of correct rollouts (`key_span_action={key_span_action!r}`, e.g. the TRACE-FKL preset). "
+            "Have the annotator mark key spans (regex: `regex_key_patterns`), or route error spans "
+            "(`error_span_action: rkl`)"
+        )
+    elif routes_key and not routes_error and totals.get("correct", 0) == 0:
+        cause = "no rollout was correct, and this run routes only key spans of correct rollouts (check the rewards)"
+    elif routes_error and not routes_key and totals.get("correct", 0) >= totals.get("rollouts", 0):
+        cause = "every rollout was correct, and this run routes only error spans of incorrect rollouts"
+    elif totals.get("dropped_spans", 0) > 0:
+        cause = (
+            "the annotator's spans were all of the kind the rollout's correctness drops (key spans in incorrect "
+            "rollouts, error spans in correct ones; see `trace/dropped_spans`)"
+        )
+    else:
+        cause = (
+            "the annotator marked no span (regex: do the patterns match these rollouts, e.g. is `\\boxed{}` reached "
+            "within `max_completion_length`?)"
+        )
+    return (
+        f"The KL channel routed no token in the first {batches} generation batches while the KL weight is > 0: "
+        f"{cause}. Until it routes tokens, this run trains as plain GRPO."
+    )
+
+
 @dataclass
 class RoutedBatch:
     """What `RoutedBatchBuilder.build` adds to GRPO's batch, and the metrics of the step (already summed over processes)."""
@@ -173,6 +225,9 @@ class RoutedBatchBuilder:
         self.device = device
         self._annotator_exception: Exception | None = None
         self._malformed = False
+        # Counts of the batches that routed nothing since the start (see `explain_unrouted`); `None` once one routed.
+        self._unrouted: dict[str, float] | None = {}
+        self._unrouted_batches = 0
 
     def build(
         self,
@@ -256,9 +311,11 @@ class RoutedBatchBuilder:
             "rollouts": float(n),
             "truncated": float(truncated),
             "malformed": float(self._malformed),
+            "routed": float((route != Route.GRPO).sum()),
         }
         totals = dict(zip(counts, self.reduce_sum(torch.tensor(list(counts.values()), device=self.device)).tolist()))
         self._raise_on_failures(annotations, totals["failures"], totals["malformed"])
+        self._check_routes_something(totals)
         tokens, rollouts = max(totals["tokens"], 1.0), max(totals["rollouts"], 1.0)
         metrics = {
             "trace/key_token_frac": totals["key"] / tokens,
@@ -280,6 +337,22 @@ class RoutedBatchBuilder:
             },
             metrics=metrics,
         )
+
+    def _check_routes_something(self, totals: Mapping[str, float]) -> None:
+        """Warn once when the first `UNROUTED_BATCHES_BEFORE_WARNING` batches (KL weight > 0) routed no token."""
+        if self._unrouted is None:
+            return
+        if totals["routed"] > 0:
+            self._unrouted = None
+            return
+        for name, value in totals.items():
+            self._unrouted[name] = self._unrouted.get(name, 0.0) + value
+        self._unrouted_batches += 1
+        if self._unrouted_batches == UNROUTED_BATCHES_BEFORE_WARNING:
+            args = self.args
+            logger.warning(
+                explain_unrouted(self._unrouted, args.key_span_action, args.error_span_action, self._unrouted_batches)
+            )
 
     def _annotate(self, requests: list[AnnotationRequest]) -> list[Annotation]:
         """Call the annotator; a crash becomes per-rollout failures unless `annotation_failure="raise"`."""

@@ -31,25 +31,18 @@ from typing import Any
 
 from trl import ScriptArguments
 
+from .annotator_factory import (  # noqa: F401 (ANNOTATORS, SPAN_FORMATS: re-exported)
+    ANNOTATORS,
+    REGEX_CONSTANTS,
+    SPAN_FORMATS,
+    annotator_choices,
+    build_annotator,
+    canonical_annotator_name,
+)
+
 
 logger = logging.getLogger(__name__)
 
-ANNOTATORS: tuple[str, ...] = (
-    "none",
-    "regex",
-    "all_tokens",
-    "random",
-    "random_like_openai",
-    "random_like_self",
-    "openai",
-    "self",
-    "inverted_openai",
-    "inverted_self",
-    "inverted_regex",
-)
-SPAN_FORMATS: tuple[str, ...] = ("segments", "quotes")
-# Named patterns a recipe may use instead of a raw regular expression (see `RegexAnnotator`).
-REGEX_CONSTANTS: tuple[str, ...] = ("BOXED", "BOXED_CONTENT", "EQUATION", "EQUALS_LINE", "ANSWER_LINE")
 # Recipe keys (at any depth, `env:` included) that hold credentials. They belong in the environment.
 _SECRET_KEY = re.compile(r"(^|_)(api_?keys?|token|secrets?|password|passwd|credentials?)$", re.IGNORECASE)
 
@@ -97,18 +90,22 @@ class TraceScriptArguments(ScriptArguments):
             `"openai"` (any OpenAI-compatible server), `"self"` (the policy annotates its own rollouts),
             `"inverted_openai"` / `"inverted_self"` / `"inverted_regex"` (the inverted control: `random_span_fraction`
             of each rollout outside that annotator's spans), or `"none"` (only with `kl_coef: 0`, i.e. GRPO).
+            Hyphens read as underscores (`all-tokens`), as in `trace-trl annotate`, which builds annotators with the
+            same names and defaults ([`~trace_trl.annotator_factory.build_annotator`]).
         annotator_span_format (`str`, *optional*, defaults to `"segments"`):
             Protocol of the `"openai"` and `"self"` annotators (and the controls built on them): `"segments"`
             (numbered segments, the paper's) or `"quotes"` (verbatim quotes).
         annotator_model, annotator_base_url, annotator_api_key_env, annotator_max_concurrency, annotator_timeout,
         annotator_max_retries, annotator_cache_dir, annotator_max_key_spans, annotator_temperature,
-        annotator_max_tokens, annotator_extra_body:
+        annotator_max_tokens, annotator_extra_body, annotator_use_json_schema, annotator_max_answer_chars:
             Settings of the `"openai"` annotator. The key itself is read from the environment variable
             `annotator_api_key_env`; it is never a recipe field.
         self_annotator_max_new_tokens, self_annotator_temperature, self_annotator_top_p, self_annotator_batch_size:
             Sampling settings of the `"self"` annotator (`None` keeps `SelfAnnotator`'s defaults).
-        regex_key_patterns, regex_error_patterns (`list[str]`):
-            Patterns of the `"regex"` annotator: raw regular expressions or names of `RegexAnnotator` constants.
+        regex_key_patterns, regex_error_patterns (`list[str]`, *optional*, defaults to `["BOXED", "EQUATION"]` and `["BOXED"]`):
+            Patterns of the `"regex"` annotator: raw regular expressions or names of `RegexAnnotator` constants. Key
+            patterns mark correct rollouts, error patterns incorrect ones; the defaults route something under both
+            presets (TRACE-FKL routes key spans, TRACE-RKL error spans: the wrong `\\boxed{}` answer).
         random_seed, random_span_fraction, random_num_spans:
             Settings of the random-span annotators; `random_seed` and `random_span_fraction` (default 0.25, the
             paper's 25%) also set the inverted controls.
@@ -175,7 +172,7 @@ class TraceScriptArguments(ScriptArguments):
         metadata={
             "help": "Span annotator: 'regex', 'all_tokens', 'random', 'random_like_openai', 'random_like_self', "
             "'openai', 'self', 'inverted_openai', 'inverted_self', 'inverted_regex', or 'none' (GRPO, kl_coef 0).",
-            "choices": list(ANNOTATORS),
+            "choices": annotator_choices(),
         },
     )
     annotator_span_format: str = field(
@@ -222,6 +219,16 @@ class TraceScriptArguments(ScriptArguments):
             '\'{"chat_template_kwargs": {"enable_thinking": false}}\' for a vLLM server.'
         },
     )
+    annotator_use_json_schema: bool = field(
+        default=True,
+        metadata={"help": "'openai' annotator: send response_format=json_schema (false for servers that reject it)."},
+    )
+    annotator_max_answer_chars: int | None = field(
+        default=None,
+        metadata={
+            "help": "'openai' annotator: longest answer read (None: 200000); longer ones fail as answer_too_long."
+        },
+    )
     self_annotator_max_new_tokens: int | None = field(
         default=None, metadata={"help": "'self' annotator: most new tokens of the policy's annotation."}
     )
@@ -237,8 +244,12 @@ class TraceScriptArguments(ScriptArguments):
         metadata={"help": f"'regex' annotator: key-span patterns (regexes or {', '.join(REGEX_CONSTANTS)})."},
     )
     regex_error_patterns: list[str] = field(
-        default_factory=list,
-        metadata={"help": "'regex' annotator: error-span patterns (regexes or RegexAnnotator constant names)."},
+        # The wrong final answer: without an error pattern the regex smoke test routes nothing under TRACE-RKL.
+        default_factory=lambda: ["BOXED"],
+        metadata={
+            "help": "'regex' annotator: error-span patterns of incorrect rollouts (regexes or RegexAnnotator constant "
+            "names); the default marks the wrong \\boxed{} answer."
+        },
     )
     random_seed: int = field(default=0, metadata={"help": "Random-span and inverted annotators: seed."})
     random_span_fraction: float = field(
@@ -252,8 +263,10 @@ class TraceScriptArguments(ScriptArguments):
     )
 
     def __post_init__(self):
-        if self.annotator not in ANNOTATORS:
-            raise ValueError(f"`annotator` must be one of {', '.join(ANNOTATORS)}; got {self.annotator!r}.")
+        try:
+            self.annotator = canonical_annotator_name(self.annotator)  # `all-tokens` is `all_tokens`
+        except ValueError as exc:
+            raise ValueError(f"`annotator`: {exc}") from None
         if self.annotator_span_format not in SPAN_FORMATS:
             raise ValueError(
                 f"`annotator_span_format` must be one of {', '.join(SPAN_FORMATS)}; got {self.annotator_span_format!r}."
@@ -351,8 +364,11 @@ def parse_args(argv: list[str]):
 
 
 def get_reward_funcs(names: list[str]) -> list[Any]:
-    """Reward functions by name (`trace_trl.rewards.REWARD_FUNCTIONS`) or dotted import path."""
-    from .rewards import REWARD_FUNCTIONS
+    """Reward functions by name (`trace_trl.rewards.REWARD_FUNCTIONS`) or dotted import path.
+
+    Raises `ImportError` naming the fix (`pip install 'trace-trl[math]'`) when one needs a package that is missing.
+    """
+    from .rewards import REWARD_FUNCTIONS, check_reward_dependencies
 
     funcs = []
     for name in names:
@@ -366,98 +382,8 @@ def get_reward_funcs(names: list[str]) -> list[Any]:
             raise ValueError(
                 f"Unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or a dotted import path."
             )
+    check_reward_dependencies(funcs)
     return funcs
-
-
-def _patterns(patterns: list[str]) -> list[str]:
-    from .annotators import RegexAnnotator
-
-    return [getattr(RegexAnnotator, p) if p in REGEX_CONSTANTS else p for p in patterns]
-
-
-def _drop_none(**kwargs: Any) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def _openai_annotator(script_args: TraceScriptArguments):
-    from .annotators import OpenAIAnnotator
-
-    if not script_args.annotator_model:
-        raise ValueError("The 'openai' annotator needs `annotator_model` (the model name the server knows).")
-    optional = _drop_none(
-        max_key_spans=script_args.annotator_max_key_spans,
-        temperature=script_args.annotator_temperature,
-        max_tokens=script_args.annotator_max_tokens,
-        extra_body=script_args.annotator_extra_body,
-    )
-    if script_args.annotator_api_key_env != "OPENAI_API_KEY":
-        optional["api_key_env"] = script_args.annotator_api_key_env
-    # No `api_key=`: the annotator reads it from the environment itself, so it never passes through the arguments.
-    return OpenAIAnnotator(
-        script_args.annotator_model,
-        base_url=script_args.annotator_base_url,
-        max_concurrency=script_args.annotator_max_concurrency,
-        timeout=script_args.annotator_timeout,
-        max_retries=script_args.annotator_max_retries,
-        cache_dir=script_args.annotator_cache_dir,
-        span_format=script_args.annotator_span_format,
-        **optional,
-    )
-
-
-def _self_annotator(script_args: TraceScriptArguments):
-    from .annotators import SelfAnnotator
-
-    return SelfAnnotator(
-        **_drop_none(
-            max_new_tokens=script_args.self_annotator_max_new_tokens,
-            temperature=script_args.self_annotator_temperature,
-            top_p=script_args.self_annotator_top_p,
-            batch_size=script_args.self_annotator_batch_size,
-            max_key_spans=script_args.annotator_max_key_spans,
-        ),
-        span_format=script_args.annotator_span_format,
-    )
-
-
-def _regex(script_args: TraceScriptArguments):
-    from .annotators import RegexAnnotator
-
-    return RegexAnnotator(
-        key_patterns=_patterns(script_args.regex_key_patterns),
-        error_patterns=_patterns(script_args.regex_error_patterns),
-    )
-
-
-def build_annotator(script_args: TraceScriptArguments):
-    """The annotator a recipe asks for (`None` for `annotator: none`)."""
-    from .annotators import AllTokensAnnotator, InvertedSpanAnnotator, RandomSpanAnnotator
-
-    kind = script_args.annotator
-    if kind == "none":
-        return None
-    if kind.startswith("inverted_"):
-        bases = {"inverted_openai": _openai_annotator, "inverted_self": _self_annotator, "inverted_regex": _regex}
-        return InvertedSpanAnnotator(
-            bases[kind](script_args), fraction=script_args.random_span_fraction, seed=script_args.random_seed
-        )
-    if kind == "regex":
-        return _regex(script_args)
-    if kind == "all_tokens":
-        return AllTokensAnnotator(kind_for_incorrect="error" if script_args.all_tokens_incorrect else None)
-    if kind == "random":
-        return RandomSpanAnnotator(
-            seed=script_args.random_seed,
-            span_fraction=script_args.random_span_fraction,
-            num_spans=script_args.random_num_spans,
-        )
-    if kind == "random_like_openai":
-        return RandomSpanAnnotator(seed=script_args.random_seed, like=_openai_annotator(script_args))
-    if kind == "random_like_self":
-        return RandomSpanAnnotator(seed=script_args.random_seed, like=_self_annotator(script_args))
-    if kind == "openai":
-        return _openai_annotator(script_args)
-    return _self_annotator(script_args)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -561,6 +487,18 @@ def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
     if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
         logger.info(f"Checkpoint detected, resuming training at {last_checkpoint}.")
 
+    #############################
+    # Reward functions, annotator (first: a missing package or setting fails before any download)
+    #############################
+    reward_funcs = get_reward_funcs(script_args.reward_funcs)
+    annotator = build_annotator(script_args)
+    if annotator is None and training_args.kl_coef > 0:
+        raise ValueError(
+            "This recipe has `kl_coef > 0` but `annotator: none`. Choose an annotator (regex, all_tokens, random, "
+            "random_like_openai, random_like_self, openai, self) or set `kl_coef: 0` for plain GRPO."
+        )
+    logger.info(f"Annotator: {type(annotator).__name__ if annotator is not None else None}")
+
     ################
     # Load datasets
     ################
@@ -591,18 +529,6 @@ def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs
     peft_config = get_peft_config(model_args)
-
-    #############################
-    # Reward functions, annotator
-    #############################
-    reward_funcs = get_reward_funcs(script_args.reward_funcs)
-    annotator = build_annotator(script_args)
-    if annotator is None and training_args.kl_coef > 0:
-        raise ValueError(
-            "This recipe has `kl_coef > 0` but `annotator: none`. Choose an annotator (regex, all_tokens, random, "
-            "random_like_openai, random_like_self, openai, self) or set `kl_coef: 0` for plain GRPO."
-        )
-    logger.info(f"Annotator: {type(annotator).__name__ if annotator is not None else None}")
 
     #############################
     # Initialize the TRACE trainer
@@ -658,20 +584,87 @@ def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
     return trainer
 
 
+def usage() -> str:
+    """What `trace-trl train` with no arguments prints: how to call it, the shipped recipes, examples."""
+    lines = [
+        "usage: trace-trl train RECIPE [--field value ...] [--tiny]",
+        "",
+        "Train TRACE (or a baseline) from a YAML recipe: a shipped recipe's name or a .yaml file. Flags override the",
+        "recipe's fields (every TRACEConfig / GRPOConfig / ModelConfig field and the script arguments).",
+        "",
+        "shipped recipes:",
+        *(f"  {name}" for name in list_recipes()),
+        "",
+        "examples:",
+        "  trace-trl train qwen3-8b-trace-fkl --tiny          # any recipe as a CPU smoke run, offline, in seconds",
+        "  trace-trl train qwen3-8b-trace-fkl --learning_rate 5e-7 --max_steps 100",
+        "",
+        "`trace-trl train --help` lists every field; `trace-trl train --list` prints the recipe names.",
+    ]
+    return "\n".join(lines)
+
+
+def _short_error(message: str) -> None:
+    """Print a parser error as one line plus a hint (not the whole usage), and exit with status 2."""
+    print(f"trace-trl train: error: {message}", file=sys.stderr)
+    print("Run `trace-trl train --help` for every field, or `trace-trl train` for the recipes.", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _parse(argv: list[str]):
+    """`make_parser().parse_args_and_config(argv)`, with argparse and config errors as short messages."""
+    parser = make_parser()
+    parser.error = _short_error  # argparse prints ~250 lines of usage before the one line that matters
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as exc:  # a field's validation (TRACEConfig, GRPOConfig, TrainingArguments __post_init__)
+        message = str(exc)
+        if "bf16/gpu" in message or ("bf16" in message and "use_cpu" in message):
+            message += " On a machine without a GPU: add `--use_cpu true --bf16 false`, or `--tiny` for a smoke run."
+        _short_error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "--list":
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] == "--list":
         for name in list_recipes():
             print(name)
         return 0
+    tiny = "--tiny" in argv
+    argv = [arg for arg in argv if arg != "--tiny"]
     try:
         argv = _config_argv(argv)
     except (FileNotFoundError, ValueError) as exc:
         print(f"trace-trl train: {exc}", file=sys.stderr)
         return 2
-    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    if tiny:
+        argv = _with_tiny_overrides(argv)
+    try:
+        script_args, training_args, model_args = _parse(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
     run(script_args, training_args, model_args)
     return 0
+
+
+def _with_tiny_overrides(argv: list[str]) -> list[str]:
+    """`argv` with the `--tiny` overrides after the recipe and before the user's flags (which still win)."""
+    import yaml
+
+    from .tiny_recipe import tiny_overrides
+
+    if "--config" not in argv:
+        raise SystemExit("trace-trl train: --tiny needs a recipe, e.g. `trace-trl train qwen3-8b-trace-fkl --tiny`.")
+    index = argv.index("--config") + 2
+    with open(argv[index - 1]) as f:
+        recipe = yaml.safe_load(f) or {}
+    overrides = tiny_overrides(recipe)
+    output_dir = overrides[overrides.index("--output_dir") + 1]
+    print(f"trace-trl train --tiny: a tiny Qwen3 on CPU, {output_dir}", file=sys.stderr)
+    return [*argv[:index], *overrides, *argv[index:]]
 
 
 if __name__ == "__main__":
