@@ -279,15 +279,8 @@ def _forward_chunk(s_h, t_h, s_head, t_head, kind, term_clip, tf, vocab, vocab_t
     clip = term_clip is not None
     tau = term_clip / _CANDIDATE_FACTOR if clip else 0.0
     full = lambda fill: torch.full((n,), fill, device=device, dtype=dtype)  # noqa: E731
-    a_max, a_sum, b_max, b_sum, gap, b_min = (
-        full(-math.inf),
-        full(0.0),
-        full(-math.inf),
-        full(0.0),
-        full(0.0),
-        full(0.0),
-    )
-    b_min.fill_(math.inf)
+    a_max, a_sum, b_max, b_sum, gap = full(-math.inf), full(0.0), full(-math.inf), full(0.0), full(0.0)
+    b_min = full(math.inf)  # the other distribution's smallest transformed logit, for the candidate bound
     cand_rows, cand_za, cand_zb = [], [], []
     n_candidates, collecting = 0, clip
     budget = max(256, int(_CANDIDATE_BUDGET_PER_VOCAB_TILE_COLUMN * vocab_tile)) * n
@@ -337,13 +330,11 @@ def _forward_chunk(s_h, t_h, s_head, t_head, kind, term_clip, tf, vocab, vocab_t
     log_z_s, log_z_t = (log_z_b, log_z_a) if kind == "fkl" else (log_z_a, log_z_b)
     log_z_s_out.copy_(log_z_s)
     log_z_t_out.copy_(log_z_t)
-    if not clip:
-        value_out.copy_(kl)
-        aux_out.copy_(torch.ones_like(kl) if kind == "fkl" else kl + 1.0)
-        return
     value_out.copy_(kl)
-    # aux = sum_v a_v (fkl) or sum_v a_v (f_v + 1) (rkl) over the unclipped entries: everything minus the clipped.
-    aux_out.copy_(torch.ones_like(kl) if kind == "fkl" else kl + 1.0)
+    aux_out.copy_(torch.ones_like(kl) if kind == "fkl" else kl + 1.0)  # A = 1, B = KL + 1 unclipped
+    if not clip:
+        return
+    # Clipped: value = KL - sum (term - c) and aux = A or B minus the clipped entries' share, over the candidates.
     exact = collecting & (tau * (math.log(tau) + log_z_b - b_min) < _BOUND_MARGIN * term_clip)
     if collecting and cand_rows:
         r, za, zb = torch.cat(cand_rows).long(), torch.cat(cand_za), torch.cat(cand_zb)
