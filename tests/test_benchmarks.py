@@ -122,6 +122,7 @@ def test_divergence_mode_times_trls_kernel_and_ours_in_one_run_with_ratios(step_
         for r in rows.values():
             assert len(r["times_s"]) == 2 and r["time_s"] > 0 and r["forward_s"] <= max(r["times_s"])
             assert r["time_ratio"] == pytest.approx(r["time_s"] / rows["trl"]["time_s"])
+            assert r["cpu_ratio"] == pytest.approx(r["cpu_s"] / rows["trl"]["cpu_s"])
         # Same problem for every kernel: ours unclipped equals TRL's, and the clip can only lower the sum.
         assert rows["unclipped"]["divergence_sum"] == pytest.approx(rows["trl"]["divergence_sum"], rel=1e-5)
         assert rows["clipped"]["divergence_sum"] < rows["trl"]["divergence_sum"]
@@ -137,7 +138,7 @@ def test_divergence_mode_max_ratio_fails_loudly(step_benchmark, monkeypatch):
         "machine": {},
         "results": [
             {"tokens": 4, "method": m, "time_s": t, "forward_s": t / 2, "time_ratio": t, "peak_mib": 1.0,
-             "memory_ratio": 1.0, "second_pass_rows": 0}
+             "memory_ratio": 1.0, "cpu_s": t, "cpu_ratio": t, "second_pass_rows": 0}
             for m, t in (("trl", 1.0), ("clipped", 1.5), ("unclipped", 0.9))
         ],
     }  # fmt: skip
