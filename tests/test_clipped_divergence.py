@@ -400,3 +400,34 @@ def test_bad_arguments_are_rejected_with_the_field_named():
     with pytest.raises(ValueError, match="kind"):
         chunked_divergence(h, (w, None), h, (w, None), "jsd")
     assert math.isfinite(chunked_divergence(h, (w, None), h, (w, None), "fkl", term_clip=0.05).sum().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_term_clipped_below_the_candidate_threshold_is_still_found(monkeypatch, dtype):
+    """Adversarial: the teacher gives u less mass than the candidate threshold, but the student's log-probability of u
+    is so low (-1100 nats) that u's term still exceeds the clip. The one-pass bound must fail and the row be redone."""
+    calls = []
+    original = cd._exact_pass
+    monkeypatch.setattr(cd, "_exact_pass", lambda s_h, *a, **k: calls.append(s_h.shape[0]) or original(s_h, *a, **k))
+    vocab, u, c = 1000, 990, 0.05  # u in the last tile: the running normalizer is nearly final there
+    tau = c / cd._CANDIDATE_FACTOR
+    teacher_bias = torch.zeros(vocab, dtype=dtype)
+    teacher_bias[u] = math.log(tau / 2 * (vocab - 1) / (1 - tau / 2))  # p_t(u) = tau / 2
+    student_bias = torch.zeros(vocab, dtype=dtype)
+    student_bias[u] = -1100.0
+    b = student_bias.clone().requires_grad_(True)
+    h, w = torch.zeros(1, 2, dtype=dtype), torch.zeros(vocab, 2, dtype=dtype)
+    terms = _dense_terms(student_bias[None], teacher_bias[None], "fkl", 1.0)[0]
+    assert (
+        terms[u] > c
+        and torch.softmax(teacher_bias.double(), -1)[u] < tau
+        and (terms[torch.arange(vocab) != u] < c).all()
+    )
+
+    value = chunked_divergence(h, (w, b), h, (w, teacher_bias), "fkl", term_clip=c, vocab_tile=256)
+    assert calls == [1]
+    torch.testing.assert_close(value.double(), _clip(terms, c).sum().reshape(1), rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(value.sum(), b)
+    p_s, p_t = torch.softmax(student_bias.double(), -1), torch.softmax(teacher_bias.double(), -1)
+    kept = (torch.arange(vocab) != u).double()
+    torch.testing.assert_close(grad.double(), -kept * p_t + p_s * (kept * p_t).sum(), rtol=1e-5, atol=1e-7)
