@@ -27,6 +27,10 @@ PYTHONPATH=. python benchmarks/step_benchmark.py --device cuda --dtype bfloat16 
 
 # Sanity check: TRACE on a fully routed batch computes the same loss and gradients as the dense baseline
 PYTHONPATH=. python benchmarks/step_benchmark.py --check
+
+# The routed divergence alone: the clipped kernel (kl_term_clip) vs TRL's unclipped ChunkedDivergenceFunction
+OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/step_benchmark.py --divergence --divergence-tokens 128 512 1024 \
+    --hidden-size 1024
 ```
 """
 
@@ -125,6 +129,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--kl-topk", type=int, default=None, help="TRACE `kl_topk` (default: full vocabulary).")
     parser.add_argument("--kl-chunk-size", type=int, default=1024, help="TRACE `kl_chunk_size`.")
+    parser.add_argument(
+        "--kl-term-clip",
+        type=float,
+        default=0.05,
+        help="TRACE `kl_term_clip`, also applied by the dense baseline (a negative value means None: no clip).",
+    )
     parser.add_argument("--loss-type", default="dapo", help="GRPO `loss_type` (TRACE and dense normalize like it).")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Where to run.")
     parser.add_argument(
@@ -160,8 +170,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Only run the sanity check: finite TRACE loss, and TRACE == dense (loss and gradients) on a fully "
         "routed batch at a small size.",
     )
+    parser.add_argument(
+        "--divergence",
+        action="store_true",
+        help="Only time the routed full-vocabulary divergence (forward + backward) from hidden states: TRL's unclipped "
+        "`ChunkedDivergenceFunction` vs trace_trl's clipped (`--kl-term-clip`) and unclipped kernel, at "
+        "`--vocab-size` and `--hidden-size`, for each of `--divergence-tokens` routed tokens, in one process.",
+    )
+    parser.add_argument(
+        "--divergence-tokens", type=int, nargs="+", default=[128, 512, 1024], help="Routed tokens N per measurement."
+    )
+    parser.add_argument(
+        "--divergence-frozen-head",
+        action="store_true",
+        help="Freeze the student head (as under LoRA); by default it is trained (full fine-tuning).",
+    )
+    parser.add_argument(
+        "--max-ratio",
+        type=float,
+        default=None,
+        help="With --divergence: exit with an error if the clipped kernel's time over TRL's (CPU time on CPU) exceeds "
+        "this at any N.",
+    )
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.kl_term_clip is not None and args.kl_term_clip < 0:
+        args.kl_term_clip = None
     if len(args.batch_sizes) == 1:
         args.batch_sizes = args.batch_sizes * len(args.lengths)
     if len(args.batch_sizes) != len(args.lengths):
@@ -246,6 +280,7 @@ def build_trainer(model_dir: str, method: str, spec: dict[str, Any], output_dir:
             teacher_kind=spec["teacher_kind"],
             kl_topk=spec["kl_topk"] if method == "trace" else None,
             kl_chunk_size=spec["kl_chunk_size"],
+            kl_term_clip=spec.get("kl_term_clip", 0.05),
         )
         trainer = TRACETrainer(
             model=model_dir,
@@ -361,7 +396,11 @@ def dense_self_distillation_loss(trainer, model, inputs: dict[str, torch.Tensor]
         student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
     log_p_s = F.log_softmax(student_logits.float(), dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float(), dim=-1)
-    per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)  # KL(p_teacher || p_student), [B, T]
+    terms = log_p_t.exp() * (log_p_t - log_p_s)  # KL(p_teacher || p_student) term by term, [B, T, V]
+    clip = trainer.args.kl_term_clip
+    if clip is not None:
+        terms = torch.where(terms < clip, terms, torch.full_like(terms, clip))
+    per_token = terms.sum(-1)
     return trainer.normalize_like_grpo(per_token, mask, inputs)
 
 
@@ -589,6 +628,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "teacher_kind": args.teacher_kind,
         "kl_topk": args.kl_topk,
         "kl_chunk_size": args.kl_chunk_size,
+        "kl_term_clip": args.kl_term_clip,
         "loss_type": args.loss_type,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -656,6 +696,145 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# The routed divergence alone: trace_trl's clipped kernel vs TRL's unclipped one
+# --------------------------------------------------------------------------------------------------------------------
+DIVERGENCE_METHODS: tuple[str, ...] = ("trl", "clipped", "unclipped")
+
+
+def divergence_problem(tokens: int, hidden: int, vocab: int, seed: int, device: torch.device, dtype: torch.dtype):
+    """Student and teacher hidden states and heads with LM-like, peaked distributions (some terms above 0.05)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden, generator=g) * (2.5 / hidden**0.5)
+    teacher_weight = weight + torch.randn(vocab, hidden, generator=g) * (1.0 / hidden**0.5)
+    student_h = torch.randn(tokens, hidden, generator=g) * 1.5
+    teacher_h = student_h + torch.randn(tokens, hidden, generator=g)
+    return [x.to(device=device, dtype=dtype) for x in (student_h, weight, teacher_h, teacher_weight)]
+
+
+def divergence_function(method: str, term_clip: float | None, chunk_size: int):
+    """`f(student_h, weight, teacher_h, teacher_weight) -> [N]` forward KL for one method."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    from trace_trl.chunked_divergence import chunked_divergence
+
+    if method == "trl":
+        return lambda s_h, w, t_h, t_w: ChunkedDivergenceFunction.apply(s_h, w, None, t_h, t_w, None, 0.0)[0]
+    clip = term_clip if method == "clipped" else None
+    return lambda s_h, w, t_h, t_w: chunked_divergence(
+        s_h, (w, None), t_h, (t_w, None), "fkl", term_clip=clip, chunk_size=chunk_size
+    )
+
+
+def measure_divergence(method: str, problem, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Median forward + backward time and the peak memory it adds, for one method on one problem."""
+    import trace_trl.chunked_divergence as kernel
+
+    student_h, weight, teacher_h, teacher_weight = problem
+    fn = divergence_function(method, args.kl_term_clip, args.kl_chunk_size)
+    second_pass_rows = []
+    original = kernel._exact_pass
+
+    def counting(s_h, *rest, **kwargs):
+        second_pass_rows.append(s_h.shape[0])
+        return original(s_h, *rest, **kwargs)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # One untimed call on two rows first: imports and first-call setup are not the kernel's cost.
+    fn(student_h[:2].detach().requires_grad_(True), weight, teacher_h[:2], teacher_weight).sum().backward()
+    times, forward_times, cpu_times = [], [], []  # CPU seconds: steadier than wall time on a shared VM
+    memory = PeakMemory(device)
+    kernel._exact_pass = counting
+    try:
+        memory.start()
+        for i in range(args.warmup + args.repeats):
+            s_h = student_h.detach().requires_grad_(True)
+            w = weight.detach().requires_grad_(not args.divergence_frozen_head)
+            sync()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            value = fn(s_h, w, teacher_h, teacher_weight)
+            sync()
+            forward = time.perf_counter() - start
+            value.sum().backward()
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
+                forward_times.append(forward)
+        peak = memory.peak_increase_mib()
+    finally:
+        kernel._exact_pass = original
+    return {
+        "method": method,
+        "status": "ok",
+        "time_s": statistics.median(times),
+        "forward_s": statistics.median(forward_times),
+        "times_s": times,
+        "cpu_s": statistics.median(cpu_times),
+        "peak_mib": peak,
+        "memory_source": memory.source,
+        "divergence_sum": float(value.detach().double().sum()),
+        "second_pass_rows": sum(second_pass_rows) // max(1, args.warmup + args.repeats),
+    }
+
+
+def run_divergence_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Every method at every `--divergence-tokens`, same process and problem; ratios against TRL's kernel."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    results = []
+    for tokens in args.divergence_tokens:
+        problem = divergence_problem(tokens, args.hidden_size, args.vocab_size, args.seed, device, dtype)
+        rows = [{"tokens": tokens, **measure_divergence(m, problem, args, device)} for m in DIVERGENCE_METHODS]
+        base = rows[0]
+        for r in rows:
+            r["time_ratio"] = r["time_s"] / base["time_s"]
+            r["cpu_ratio"] = r["cpu_s"] / base["cpu_s"] if base["cpu_s"] > 0 else None
+            r["memory_ratio"] = r["peak_mib"] / base["peak_mib"] if base["peak_mib"] > 0 else None
+            print(
+                f"N={tokens} {r['method']}: {r['time_s']:.3f} s ({r['time_ratio']:.2f}x), CPU {r['cpu_s']:.2f} s, "
+                f"{r['peak_mib']:.0f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
+        results += rows
+    config = {
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "tokens": args.divergence_tokens,
+        "kl_term_clip": args.kl_term_clip,
+        "chunk_size": args.kl_chunk_size,
+        "head_trained": not args.divergence_frozen_head,
+        "device": args.device,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
+    return {"config": config, "machine": machine_info(args.device), "results": results}
+
+
+def format_divergence_table(results: list[dict[str, Any]]) -> str:
+    def ratio(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}x"
+
+    lines = [
+        "| routed tokens | kernel | time (s) | of which forward (s) | time vs TRL | peak memory (MiB) | memory vs TRL "
+        "| CPU time (s) | CPU time vs TRL | rows in a second pass |",
+        "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {"trl": "TRL, unclipped", "clipped": "trace_trl, clipped", "unclipped": "trace_trl, unclipped"}
+    for r in results:
+        lines.append(
+            f"| {r['tokens']} | {names[r['method']]} | {r['time_s']:.3f} | {r['forward_s']:.3f} "
+            f"| {ratio(r['time_ratio'])} | {r['peak_mib']:.0f} | {ratio(r['memory_ratio'])} "
+            f"| {r['cpu_s']:.2f} | {ratio(r.get('cpu_ratio'))} | {r['second_pass_rows']} |"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Sanity check: the benchmark compares equal work
 # --------------------------------------------------------------------------------------------------------------------
 def sanity_check(args: argparse.Namespace, length: int = 48, batch: int = 2) -> dict[str, float]:
@@ -678,6 +857,7 @@ def sanity_check(args: argparse.Namespace, length: int = 48, batch: int = 2) -> 
         "teacher_kind": args.teacher_kind,
         "kl_topk": None,
         "kl_chunk_size": 32,
+        "kl_term_clip": args.kl_term_clip,
         "loss_type": args.loss_type,
         "seed": args.seed,
         "length": length,
@@ -735,6 +915,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker is not None:
         run_worker(args.worker)
+        return
+    if args.divergence:
+        report = run_divergence_benchmark(args)
+        print(format_divergence_table(report["results"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        # CPU time where measured: on a shared machine wall time also counts other jobs' load.
+        key = "cpu_ratio" if args.device == "cpu" else "time_ratio"
+        worst = max(r[key] or r["time_ratio"] for r in report["results"] if r["method"] == "clipped")
+        if args.max_ratio is not None and worst > args.max_ratio:
+            raise SystemExit(f"The clipped kernel took {worst:.2f}x TRL's time (> --max-ratio {args.max_ratio}).")
         return
     if args.check:
         report = sanity_check(args)

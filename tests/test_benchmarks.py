@@ -104,3 +104,45 @@ def test_oom_risk_configurations_are_skipped_not_run(step_benchmark):
     dense = step_benchmark.estimated_peak_gib("dense", spec, 151936)
     assert dense > step_benchmark.estimated_peak_gib("trace", spec, 151936)
     assert dense == pytest.approx(step_benchmark.DENSE_PEAK_COPIES * 4096 * 151936 * 4 / 2**30)
+
+
+def test_divergence_mode_times_trls_kernel_and_ours_in_one_run_with_ratios(step_benchmark):
+    args = step_benchmark.parse_args(
+        ["--divergence", "--divergence-tokens", "5", "12", "--vocab-size", "3000", "--hidden-size", "16"]
+        + ["--kl-chunk-size", "8", "--warmup", "0", "--repeats", "2"]
+    )
+    report = step_benchmark.run_divergence_benchmark(args)
+    results = report["results"]
+    assert report["config"]["kl_term_clip"] == 0.05 and report["config"]["head_trained"] is True
+    assert [(r["tokens"], r["method"]) for r in results] == [
+        (n, m) for n in (5, 12) for m in ("trl", "clipped", "unclipped")
+    ]
+    for n in (5, 12):
+        rows = {r["method"]: r for r in results if r["tokens"] == n}
+        for r in rows.values():
+            assert len(r["times_s"]) == 2 and r["time_s"] > 0 and r["forward_s"] <= max(r["times_s"])
+            assert r["time_ratio"] == pytest.approx(r["time_s"] / rows["trl"]["time_s"])
+            assert r["cpu_ratio"] == pytest.approx(r["cpu_s"] / rows["trl"]["cpu_s"])
+        # Same problem for every kernel: ours unclipped equals TRL's, and the clip can only lower the sum.
+        assert rows["unclipped"]["divergence_sum"] == pytest.approx(rows["trl"]["divergence_sum"], rel=1e-5)
+        assert rows["clipped"]["divergence_sum"] < rows["trl"]["divergence_sum"]
+        assert rows["clipped"]["second_pass_rows"] == 0  # LM-like rows need no second pass
+    table = step_benchmark.format_divergence_table(results)
+    assert table.splitlines()[0].startswith("| routed tokens | kernel | time (s) |")
+    assert len(table.splitlines()) == 2 + len(results)
+
+
+def test_divergence_mode_max_ratio_fails_loudly(step_benchmark, monkeypatch):
+    fake = {
+        "config": {},
+        "machine": {},
+        "results": [
+            {"tokens": 4, "method": m, "time_s": t, "forward_s": t / 2, "time_ratio": t, "peak_mib": 1.0,
+             "memory_ratio": 1.0, "cpu_s": t, "cpu_ratio": t, "second_pass_rows": 0}
+            for m, t in (("trl", 1.0), ("clipped", 1.5), ("unclipped", 0.9))
+        ],
+    }  # fmt: skip
+    monkeypatch.setattr(step_benchmark, "run_divergence_benchmark", lambda args: fake)
+    step_benchmark.main(["--divergence", "--max-ratio", "2.0"])
+    with pytest.raises(SystemExit, match="1.50x"):
+        step_benchmark.main(["--divergence", "--max-ratio", "1.2"])

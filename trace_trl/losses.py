@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .chunked_divergence import chunked_divergence
+
 
 DIVERGENCE_KINDS: tuple[str, ...] = ("fkl", "rkl")
 
@@ -19,6 +21,7 @@ def token_divergence(
     *,
     topk: int | None = None,
     temperature: float = 1.0,
+    term_clip: float | None = None,
 ) -> torch.Tensor:
     r"""Per-row KL divergence between the teacher's and the student's next-token distributions.
 
@@ -32,6 +35,12 @@ def token_divergence(
     tail bucket holding the remaining mass, $\log p(\text{tail}) = \log \sum_{v \notin S} p(v)$. The coarsened KL is a
     lower bound of the full one and equals it when $k \ge V - 1$.
 
+    With ``term_clip=c`` (the paper's pointwise clip) each term $a_v(\log a_v - \log b_v)$ of the sum, with
+    $(a, b) = (p_t, p_s)$ for ``"fkl"`` and $(p_s, p_t)$ for ``"rkl"``, becomes $\min(\text{term}_v, c)$ before the sum
+    over the vocabulary. The clip is one-sided (negative terms are kept), and a clipped term carries no gradient: the
+    mask is $[\text{term}_v < c]$, so a term exactly at $c$ counts as clipped and gets a zero gradient. With ``topk``
+    the clipped terms are those of the $k + 1$ coarsened categories ($k$ support tokens and the tail bucket).
+
     The teacher is detached: the gradient reaches ``student_logits`` only.
 
     Args:
@@ -40,9 +49,10 @@ def token_divergence(
         kind (`str`): `"fkl"` or `"rkl"`.
         topk (`int`, *optional*): size of the top-k support; `None` for the full vocabulary.
         temperature (`float`, *optional*, defaults to `1.0`): both logits are divided by it.
+        term_clip (`float`, *optional*): clip each vocabulary term at this value (> 0); `None` for no clip.
 
     Returns:
-        `torch.Tensor`: `[N]` divergences in float32.
+        `torch.Tensor`: `[N]` divergences in float32 (float64 for float64 logits).
     """
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}.")
@@ -53,8 +63,11 @@ def token_divergence(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    if term_clip is not None and not term_clip > 0:
+        raise ValueError(f"term_clip must be > 0 or None (no clip), got {term_clip}.")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
     vocab = log_p_s.size(-1)
     if topk is not None and topk < vocab - 1:
         if topk < 1:
@@ -63,9 +76,12 @@ def token_divergence(
         support = anchor.topk(topk, dim=-1).indices
         log_p_s = _topk_with_tail(log_p_s, support)
         log_p_t = _topk_with_tail(log_p_t, support)
-    if kind == "fkl":
-        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
+    log_a, log_b = (log_p_t, log_p_s) if kind == "fkl" else (log_p_s, log_p_t)
+    terms = log_a.exp() * (log_a - log_b)
+    if term_clip is not None:
+        # `where`, not `clamp`: clamp passes the gradient at the boundary, and a term at the clip must carry none.
+        terms = torch.where(terms < term_clip, terms, torch.full_like(terms, term_clip))
+    return terms.sum(-1)
 
 
 def _topk_with_tail(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -102,71 +118,96 @@ def routed_divergence(
     chunk_size: int = 1024,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
+    term_clip: float | None = None,
 ) -> torch.Tensor:
     r"""`token_divergence` at `N` routed positions, from hidden states, without ever holding `[N, V]` logits.
 
-    Full vocabulary: TRL's `ChunkedDivergenceFunction` (Triton on CUDA, tiled torch elsewhere) with $\beta = 0$
-    (forward KL) or $\beta = 1$ (reverse KL); it folds the vocabulary in tiles and back-propagates to the student
-    hidden states and head only. With ``topk``: `chunk_size` positions at a time through `token_divergence`, each
-    chunk re-computed in the backward pass (activation checkpointing), so at most one `[chunk_size, V]` tile lives.
+    Full vocabulary: `trace_trl.chunked_divergence.chunked_divergence`, which tiles rows (`chunk_size`) and the
+    vocabulary, applies the pointwise ``term_clip``, and back-propagates to the student hidden states and head only.
+    On CPU it is as fast as TRL's unclipped `ChunkedDivergenceFunction` (docs/performance.md), so it serves both the
+    clipped and the unclipped case; on CUDA the unclipped case keeps TRL's kernel, which is fused in Triton there.
+    With ``topk``: `chunk_size` positions at a time through `token_divergence` (clipping the $k + 1$ coarsened terms),
+    each chunk re-computed in the backward pass (activation checkpointing), so at most one `[chunk_size, V]` tile
+    lives.
 
     Args:
         student_hidden (`torch.Tensor`): `[N, H]`, with grad.
         teacher_hidden (`torch.Tensor`): `[N, H]`, no grad.
         student_head, teacher_head (`tuple`): `(weight [V, H], bias [V] or None)` of each LM head.
         kind (`str`): `"fkl"` or `"rkl"`.
+        term_clip (`float`, *optional*): the pointwise clip of `token_divergence`; `None` for none.
 
     Returns:
         `torch.Tensor`: `[N]` float32 divergences.
     """
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}.")
+    if term_clip is not None and not term_clip > 0:
+        raise ValueError(f"term_clip must be > 0 or None (no clip), got {term_clip}.")
     n = student_hidden.size(0)
     if n == 0:
         # Keep the graph connected so an empty micro-batch still back-propagates a zero.
         return student_hidden.sum(-1).float() * 0.0
     teacher_hidden = teacher_hidden.detach()
-    head_kwargs = {"logit_scale": logit_scale, "final_logit_softcapping": final_logit_softcapping}
+    if topk is None:
+        if term_clip is None and student_hidden.device.type == "cuda":
+            return _trl_full_vocab(
+                student_hidden, teacher_hidden, student_head, teacher_head, kind, temperature, logit_scale,
+                final_logit_softcapping,
+            )  # fmt: skip
+        return chunked_divergence(
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            kind,
+            term_clip=term_clip,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            final_logit_softcapping=final_logit_softcapping,
+            chunk_size=chunk_size,
+        ).float()
     chunks = []
     for start in range(0, n, chunk_size):
         s_h, t_h = student_hidden[start : start + chunk_size], teacher_hidden[start : start + chunk_size]
-        if topk is None:
-            chunks.append(_full_vocab_chunk(s_h, t_h, student_head, teacher_head, kind, temperature, head_kwargs))
-        else:
-            chunks.append(
-                checkpoint(
-                    _topk_chunk,
-                    s_h,
-                    t_h,
-                    *student_head,
-                    *teacher_head,
-                    kind,
-                    topk,
-                    temperature,
-                    logit_scale,
-                    final_logit_softcapping,
-                    use_reentrant=False,
-                )
+        chunks.append(
+            checkpoint(
+                _topk_chunk,
+                s_h,
+                t_h,
+                *student_head,
+                *teacher_head,
+                kind,
+                topk,
+                temperature,
+                logit_scale,
+                final_logit_softcapping,
+                term_clip,
+                use_reentrant=False,
             )
+        )
     return torch.cat(chunks)
 
 
-def _full_vocab_chunk(s_h, t_h, student_head, teacher_head, kind, temperature, head_kwargs) -> torch.Tensor:
+def _trl_full_vocab(s_h, t_h, student_head, teacher_head, kind, temperature, scale, softcap) -> torch.Tensor:
     from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
     beta = 0.0 if kind == "fkl" else 1.0
-    scale, softcap = head_kwargs["logit_scale"], head_kwargs["final_logit_softcapping"]
     divergence, _ = ChunkedDivergenceFunction.apply(
         s_h, *student_head, t_h, *teacher_head, beta, temperature, scale, softcap, scale, softcap
     )
     return divergence.float()
 
 
-def _topk_chunk(s_h, t_h, s_w, s_b, t_w, t_b, kind, topk, temperature, logit_scale, softcap) -> torch.Tensor:
+def _topk_chunk(
+    s_h, t_h, s_w, s_b, t_w, t_b, kind, topk, temperature, logit_scale, softcap, term_clip
+) -> torch.Tensor:
     student_logits = output_logits(s_h, s_w, s_b, logit_scale=logit_scale, final_logit_softcapping=softcap)
     with torch.no_grad():
         teacher_logits = output_logits(t_h, t_w, t_b, logit_scale=logit_scale, final_logit_softcapping=softcap)
-    return token_divergence(student_logits, teacher_logits, kind, topk=topk, temperature=temperature)
+    return token_divergence(
+        student_logits, teacher_logits, kind, topk=topk, temperature=temperature, term_clip=term_clip
+    ).float()
 
 
 def normalize_like_grpo(

@@ -344,6 +344,7 @@ class TRACETrainer(GRPOTrainer):
                 chunk_size=self.args.kl_chunk_size,
                 logit_scale=self._logit_scale,
                 final_logit_softcapping=self._softcap,
+                term_clip=self.args.kl_term_clip,
             )
             per_token = per_token.index_put((rows[selected], cols[selected]), divergence)
             sums += [divergence.detach().sum(), selected.sum().float()]
