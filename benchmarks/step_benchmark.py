@@ -271,11 +271,10 @@ def build_trainer(model_dir: str, method: str, spec: dict[str, Any], output_dir:
             kl_warmup_steps=1000,
             kl_decay_steps=0,
             key_span_action="fkl",
-            # The benchmark compares against a dense all-token baseline reduced with GRPO's normalizer, unclipped and
-            # uncapped: pin those mechanics rather than inherit the paper's defaults.
+            # The benchmark compares against a dense all-token baseline reduced with GRPO's normalizer and uncapped
+            # (clipped alike, `--kl-term-clip`): pin those mechanics rather than inherit the paper's defaults.
             routed_token_grpo="exclusive",
             kl_normalization="grpo",
-            kl_term_clip=None,
             max_routed_fraction=None,
             teacher_kind=spec["teacher_kind"],
             kl_topk=spec["kl_topk"] if method == "trace" else None,
