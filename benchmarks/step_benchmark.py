@@ -842,6 +842,8 @@ def sanity_check(args: argparse.Namespace, length: int = 48, batch: int = 2) -> 
     With every completion token routed to forward KL and `routed_token_grpo="exclusive"`, GRPO's share is exactly zero,
     so TRACE's loss is `kl_coef * KL` normalized like GRPO: the dense baseline's value. Gradients are compared too.
     """
+    from trace_trl.routing import Route
+
     model_root = tempfile.mkdtemp(prefix="trace-bench-check-")
     model_dir = build_model_dir(model_root, args.tokenizer, args.vocab_size, args.hidden_size, args.num_layers)
     spec = {

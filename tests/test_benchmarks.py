@@ -146,3 +146,11 @@ def test_divergence_mode_max_ratio_fails_loudly(step_benchmark, monkeypatch):
     step_benchmark.main(["--divergence", "--max-ratio", "2.0"])
     with pytest.raises(SystemExit, match="1.50x"):
         step_benchmark.main(["--divergence", "--max-ratio", "1.2"])
+
+
+@pytest.mark.parametrize("clip", ["0.05", "-1"], ids=["clipped", "unclipped"])
+def test_check_mode_trace_equals_dense_on_a_fully_routed_batch(step_benchmark, clip):
+    args = step_benchmark.parse_args([*TINY_ARGS, "--check", "--kl-term-clip", clip])
+    report = step_benchmark.sanity_check(args)
+    assert math.isfinite(report["dense_loss_fully_routed"])
+    assert report["max_abs_grad_diff"] <= 1e-4 * max(report["max_abs_grad"], 1e-8)
