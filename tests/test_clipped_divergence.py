@@ -431,3 +431,24 @@ def test_a_term_clipped_below_the_candidate_threshold_is_still_found(monkeypatch
     p_s, p_t = torch.softmax(student_bias.double(), -1), torch.softmax(teacher_bias.double(), -1)
     kept = (torch.arange(vocab) != u).double()
     torch.testing.assert_close(grad.double(), -kept * p_t + p_s * (kept * p_t).sum(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("head_dtype", [torch.bfloat16, torch.float32], ids=["bf16-head", "fp32-head"])
+def test_low_precision_hidden_states_follow_the_heads_dtype_and_ignore_autocast(head_dtype):
+    """bf16 hidden states (a bf16 policy) meet the head in the head's dtype, with float32 logits whatever the autocast
+    around the loss: a bf16 head multiplies bf16 inputs, a float32 head (`cast_lm_head_to_fp32`) float32 ones, as TRL's
+    own fused head does. The result is the dense reference on exactly those inputs."""
+    s_h, w, b, t_h, t_w = _problem(6, 32, 4096, seed=7)
+    s_h, t_h = s_h.bfloat16(), t_h.bfloat16()
+    w, t_w = w.to(head_dtype), t_w.to(head_dtype)
+    for kind in ("fkl", "rkl"):
+        plain = routed_divergence(s_h, t_h, (w, None), (t_w, None), kind, term_clip=0.05)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = routed_divergence(s_h, t_h, (w, None), (t_w, None), kind, term_clip=0.05)
+        assert under_autocast.dtype == torch.float32
+        torch.testing.assert_close(under_autocast, plain, rtol=0, atol=0)
+        # The reference: the same (rounded) inputs, in float64.
+        reference, _, _ = _dense_reference(
+            s_h.to(head_dtype), w, None, t_h.to(head_dtype), t_w, kind, 0.05, 1.0, 1.0, None
+        )
+        torch.testing.assert_close(plain.double(), reference, rtol=1e-4, atol=1e-5)
