@@ -72,6 +72,8 @@ def build(model_dir: str, out_dir: str, peft: bool, **overrides) -> TRACETrainer
         max_steps=2,
         kl_warmup_steps=100,
         error_span_action="rkl",
+        # The one-process reference loads the DDP run's final weights: its teacher must be those weights too.
+        teacher_kind="live",
         **overrides,
     )
     return make_trainer(model_dir, tokenizer, args, RankZeroAnnotator(), peft=peft)

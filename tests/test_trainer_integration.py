@@ -242,7 +242,7 @@ def test_over_long_privileged_context_is_cut_but_the_problem_is_kept(tiny_model_
         assert "step step" in tiny_tokenizer.decode(prompt_ids)
 
 
-@pytest.mark.parametrize("teacher_kind", ["live", "base", "ema"])
+@pytest.mark.parametrize("teacher_kind", ["synced", "live", "base", "ema"])
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_every_teacher_kind_trains_with_gradient_checkpointing(
     tiny_model_dir, tiny_tokenizer, tmp_path, teacher_kind, peft

@@ -123,8 +123,9 @@ def test_gradient_comes_only_from_routed_tokens(tiny_model_dir, tiny_tokenizer, 
             per_device_train_batch_size=8,
             num_generations=4,
             kl_coef=1.0,
-            kl_normalization="grpo",  # the reference below normalizes like GRPO's dapo loss
+            kl_normalization="grpo",  # the reference below normalizes like GRPO's dapo loss, unclipped and uncapped
             kl_term_clip=None,
+            max_routed_fraction=None,
         ),
         train_dataset=math_dataset(),
         processing_class=tiny_tokenizer,

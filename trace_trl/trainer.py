@@ -35,7 +35,7 @@ from .model_card import add_trace_settings
 from .routing import Route, RoutedBatchBuilder
 from .schedule import kl_weight, kl_weight_sq_sum
 from .spans import TokenLabel
-from .teacher import Teacher, causal_lm_of, lm_head_scaling
+from .teacher import Teacher, causal_lm_of, lm_head_scaling, remove_teacher_adapters
 
 
 logger = logging.getLogger(__name__)
@@ -160,10 +160,14 @@ class TRACETrainer(GRPOTrainer):
             bind_annotator(annotator, self)
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.teacher = Teacher(
-            args.teacher_kind, unwrapped, ema_rate=args.teacher_ema_rate, reference_model=self.ref_model
+            args.teacher_kind,
+            unwrapped,
+            ema_rate=args.teacher_ema_rate,
+            sync_steps=args.teacher_sync_steps,
+            reference_model=self.ref_model,
+            kl_finished=self._kl_channel_off,
         )
-        if self.teacher.needs_updates:
-            self.add_callback(_TeacherUpdateCallback(self))
+        self.add_callback(_TeacherUpdateCallback(self))
         teacher_context = TeacherContextBuilder(
             args.teacher_context_template,
             tokenize=self._tokenize_teacher_prompts,
@@ -212,10 +216,24 @@ class TRACETrainer(GRPOTrainer):
             decay=args.kl_decay,
         )
 
+    def _kl_channel_off(self, step: int) -> bool:
+        """Whether nothing of the KL channel runs at optimizer `step`: no annotation, no teacher forward or copy.
+
+        The schedule never rises again once it is zero, so this stays true for every later step.
+        """
+        args = self.args
+        routes_something = args.key_span_action != "grpo" or args.error_span_action != "grpo"
+        weight = kl_weight(
+            step,
+            coef=args.kl_coef,
+            warmup_steps=args.kl_warmup_steps,
+            decay_steps=args.kl_decay_steps,
+            decay=args.kl_decay,
+        )
+        return self.annotator is None or not routes_something or weight == 0.0
+
     def _kl_channel_active(self) -> bool:
-        # The schedule never rises again once it is zero, so a zero now means no routed batch is needed from here on.
-        routes_something = self.args.key_span_action != "grpo" or self.args.error_span_action != "grpo"
-        return self.annotator is not None and routes_something and self.current_kl_weight() > 0.0
+        return not self._kl_channel_off(self.state.global_step)
 
     # ------------------------------------------------------------------------------------------------------------
     # Generation: annotate, label tokens, build teacher inputs
@@ -479,6 +497,10 @@ class TRACETrainer(GRPOTrainer):
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
+        folder = output_dir or self.args.output_dir
+        # Checkpoints keep a LoRA teacher adapter for resume; the model a user saves or pushes holds only the trained one.
+        if self.args.should_save and not os.path.basename(os.path.normpath(folder)).startswith(PREFIX_CHECKPOINT_DIR):
+            remove_teacher_adapters(folder)
         # A user's save into the run folder also writes the card (checkpoints and `push_to_hub` write their own).
         run_folder = os.path.abspath(self.args.output_dir)
         if not _internal_call and os.path.abspath(output_dir or run_folder) == run_folder:
@@ -588,11 +610,18 @@ def _warn_if_resume_is_inexact(args: TRACEConfig) -> None:
 
 
 class _TeacherUpdateCallback(TrainerCallback):
-    """EMA step of the teacher after every optimizer step."""
+    """Drives the teacher's life cycle: built or restored at train begin (after `accelerator.prepare` and checkpoint
+    loading, on the training device), then after every optimizer step an EMA step or a sync, and its release once the
+    KL weight is zero for good."""
 
     def __init__(self, trainer: TRACETrainer) -> None:
         self._trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer
+        trainer.teacher.begin(trainer.accelerator.unwrap_model(trainer.model), state.global_step)
+
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self._trainer
-        trainer.teacher.update(trainer.accelerator.unwrap_model(trainer.model))
+        trainer.teacher.update(trainer.accelerator.unwrap_model(trainer.model), state.global_step)
+        trainer._metrics["train"]["trace/teacher_memory_bytes"].append(float(trainer.teacher.memory_bytes()))
