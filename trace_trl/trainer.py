@@ -191,30 +191,22 @@ class TRACETrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Schedule
     # ------------------------------------------------------------------------------------------------------------
+    def _schedule(self) -> dict[str, Any]:
+        args = self.args
+        return dict(
+            coef=args.kl_coef, warmup_steps=args.kl_warmup_steps, decay_steps=args.kl_decay_steps, decay=args.kl_decay
+        )
+
     def current_kl_weight(self) -> float:
         """KL-channel weight at the current optimizer step (0 outside training)."""
-        args = self.args
-        return kl_weight(
-            self.state.global_step,
-            coef=args.kl_coef,
-            warmup_steps=args.kl_warmup_steps,
-            decay_steps=args.kl_decay_steps,
-            decay=args.kl_decay,
-        )
+        return kl_weight(self.state.global_step, **self._schedule())
 
     def kl_weight_sq_sum(self) -> float:
         """Sum of the squared KL weights of the optimizer steps so far, current one included (the paper's exposure bound).
 
         A pure function of the schedule and the step, so it needs no state and resumes exactly.
         """
-        args = self.args
-        return kl_weight_sq_sum(
-            self.state.global_step,
-            coef=args.kl_coef,
-            warmup_steps=args.kl_warmup_steps,
-            decay_steps=args.kl_decay_steps,
-            decay=args.kl_decay,
-        )
+        return kl_weight_sq_sum(self.state.global_step, **self._schedule())
 
     def _kl_channel_off(self, step: int) -> bool:
         """Whether nothing of the KL channel runs at optimizer `step`: no annotation, no teacher forward or copy.
@@ -223,14 +215,7 @@ class TRACETrainer(GRPOTrainer):
         """
         args = self.args
         routes_something = args.key_span_action != "grpo" or args.error_span_action != "grpo"
-        weight = kl_weight(
-            step,
-            coef=args.kl_coef,
-            warmup_steps=args.kl_warmup_steps,
-            decay_steps=args.kl_decay_steps,
-            decay=args.kl_decay,
-        )
-        return self.annotator is None or not routes_something or weight == 0.0
+        return self.annotator is None or not routes_something or kl_weight(step, **self._schedule()) == 0.0
 
     def _kl_channel_active(self) -> bool:
         return not self._kl_channel_off(self.state.global_step)
