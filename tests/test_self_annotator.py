@@ -179,3 +179,31 @@ class _Tokenizer:
 
     def __call__(self, text, add_special_tokens):
         return {"input_ids": list(text.encode())[:5]}
+
+
+def test_vllm_tensor_parallel_ranks_share_the_engine_and_keep_their_own_answers(monkeypatch):
+    """Two ranks of one TP group: each must call the engine with the group's prompts, then keep its own answers."""
+    import torch.distributed as dist
+
+    other_rank = [{"prompt_token_ids": [9, 9]}] * 3  # the other rank holds three requests
+    seen = []
+
+    class EchoLLM:
+        def generate(self, prompts, sampling_params, use_tqdm):
+            seen.append(prompts)
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=str(p["prompt_token_ids"]))]) for p in prompts]
+
+    def all_gather_object(out, obj, group):
+        assert group == "tp-group"
+        out[0], out[1] = other_rank, obj  # this process is rank 1 of its group
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(dist, "get_rank", lambda group: 1)
+    monkeypatch.setattr(SelfAnnotator, "_vllm_sampling_params", lambda self: None)
+    generation = SimpleNamespace(llm=EchoLLM(), enable_sleep_mode=False, tensor_parallel_size=2, tp_group="tp-group")
+    trainer = SimpleNamespace(use_vllm=True, vllm_generation=generation, processing_class=_Tokenizer())
+    annotator = SelfAnnotator(span_format="quotes")
+    annotator.bind(trainer)
+    texts = annotator._generate_vllm(["first", "second"])
+    assert len(seen[0]) == 5, "the engine sees the whole group's prompts"
+    assert texts == [str(p["prompt_token_ids"]) for p in seen[0][3:]], "rank 1 keeps the answers to its own prompts"

@@ -212,13 +212,14 @@ class SelfAnnotator:
             if getattr(generation, "_llm_weights_sleeping", False):
                 generation.sync_weights()
             llm.wake_up(tags=["kv_cache"])
+        prompts, own = _gather_tensor_parallel(generation, prompts)
         try:
             outputs = llm.generate(prompts, self._vllm_sampling_params(), use_tqdm=False)
         finally:
             if sleep_mode:
                 llm.sleep(level=2)
                 generation._llm_weights_sleeping = True
-        return [output.outputs[0].text if output.outputs else "" for output in outputs]
+        return [output.outputs[0].text if output.outputs else "" for output in outputs[own]]
 
     def _generate_hf(self, texts: list[str]) -> list[str]:
         import torch
@@ -254,3 +255,23 @@ class SelfAnnotator:
             tokenizer.padding_side = padding_side
             model.train(was_training)
         return outputs
+
+
+def _gather_tensor_parallel(generation: Any, prompts: list[Any]) -> tuple[list[Any], slice]:
+    """All the prompts of this process's vLLM tensor-parallel group, and the slice of the outputs that are this rank's.
+
+    With `vllm_tensor_parallel_size > 1` the ranks of a group share one colocated engine, which must be called with the
+    same prompts on every rank (TRL's own generation gathers them the same way); each rank then keeps its own answers.
+    Ranks may hold different numbers of requests.
+    """
+    size = int(getattr(generation, "tensor_parallel_size", 1) or 1)
+    if size <= 1:
+        return prompts, slice(0, len(prompts))
+    import torch.distributed as dist
+
+    group = generation.tp_group
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, prompts, group=group)
+    rank = dist.get_rank(group=group)
+    start = sum(len(part) for part in gathered[:rank])
+    return [p for part in gathered for p in part], slice(start, start + len(prompts))
