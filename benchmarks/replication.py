@@ -147,10 +147,10 @@ class Settings:
     sft_batch_size: int = 32
     sft_learning_rate: float = 3e-3
     # RL (shared by every arm); the KL schedule is the paper's (TRACEConfig defaults)
-    steps: int = 50
+    steps: int = 100
     prompts_per_step: int = 4
     num_generations: int = 8
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-4
     temperature: float = 1.0
     max_completion_length: int = 32
     kl_coef: float = 0.5
@@ -837,7 +837,8 @@ def run_study(settings: Settings, out_dir: Path, images_dir: Path) -> dict[str, 
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One thread: the model is so small that a second one buys little, and on a shared machine it spins.
+    torch.set_num_threads(1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=1))
     started = time.perf_counter()
