@@ -1,4 +1,4 @@
-"""`trace-trl demo`: a complete TRACE run on CPU in a couple of minutes, with nothing to download.
+"""`trace-trl demo`: GRPO and TRACE side by side on CPU in a couple of minutes, with nothing to download.
 
 What happens, top to bottom:
 
@@ -6,10 +6,15 @@ What happens, top to bottom:
 2. a byte-level BPE tokenizer and a tiny Qwen3 built on the spot, warm-started with a few seconds of supervised
    training so that it answers in `\\boxed{}` and is right some of the time (a random model is never right, and then
    neither GRPO nor TRACE has anything to learn from);
-3. TRACE: GRPO with the exact-match reward `boxed_match_reward`, a `RegexAnnotator` marking the equation and the boxed
-   answer (key spans of correct rollouts, error spans of incorrect ones), the policy as its own teacher under the
-   reference solution, and the KL weight held for a warm-up then annealed to zero;
-4. a report: rewards, routed-token fractions, FKL/RKL and KL weight per step, and greedy accuracy before and after.
+3. two runs from that same checkpoint, with the same seed, data order and step budget: GRPO (`kl_coef=0`), then TRACE
+   with the paper's defaults (forward KL on the key spans of correct rollouts, marked by a `RegexAnnotator`, the
+   policy as its own teacher under the reference solution, the KL weight held for 10 steps then annealed to zero over
+   30);
+4. a report: greedy accuracy before and after for both, the reward curve of each (`reward_curves.png`, with
+   matplotlib), and where the trained TRACE model was saved.
+
+One seed of a tiny model is an illustration, not evidence: the replication study (`benchmarks/replication.py`,
+`docs/replication.md`) runs the paper's ablation grid over several seeds.
 """
 
 from __future__ import annotations
@@ -120,16 +125,96 @@ def greedy_accuracy(model, tokenizer, problems: Sequence[Problem], max_new_token
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="trace-trl demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="trace-demo-output", help="where the model, logs and checkpoints go")
-    parser.add_argument("--steps", type=int, default=100, help="TRACE optimizer steps")
-    parser.add_argument("--sft-steps", type=int, default=200, help="warm-start steps before TRACE")
-    parser.add_argument("--kl-warmup-steps", type=int, default=20)
-    parser.add_argument("--kl-decay-steps", type=int, default=40)
+    parser.add_argument("--output-dir", default="trace-demo-output", help="where the models, plot and logs go")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each run (GRPO and TRACE)")
+    parser.add_argument("--sft-steps", type=int, default=200, help="warm-start steps before both runs")
+    parser.add_argument("--kl-coef", type=float, default=0.5, help="TRACE's KL weight during the warm-up")
+    parser.add_argument("--kl-warmup-steps", type=int, default=10)
+    parser.add_argument("--kl-decay-steps", type=int, default=30)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--prompts-per-step", type=int, default=4, help="problems per step (8 rollouts each)")
-    parser.add_argument("--teacher-kind", default="live", choices=["live", "base", "ema"])
+    parser.add_argument("--teacher-kind", default="synced", choices=["synced", "live", "base", "ema"])
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+@dataclass
+class RunResult:
+    name: str
+    accuracy_after: float
+    rewards: list[float]
+    seconds: float
+    model_path: str
+    exposure: float = 0.0
+    routed_frac: float | None = None
+    annotation_failures: float = 0.0
+
+
+def _train(
+    name: str, config, model_path: str, tokenizer, dataset, annotator, test_problems, save_to: str
+) -> RunResult:
+    from transformers.trainer_callback import PrinterCallback
+
+    from trace_trl import TRACETrainer
+    from trace_trl.rewards import boxed_match_reward
+
+    trainer = TRACETrainer(
+        model=model_path,
+        reward_funcs=boxed_match_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        annotator=annotator,
+    )
+    trainer.remove_callback(PrinterCallback)  # our own lines replace the raw dicts
+    trainer.add_callback(_PrintCallback(name, every=max(1, config.max_steps // 5)))
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    accuracy = greedy_accuracy(trainer.model, tokenizer, test_problems, config.max_completion_length)
+    trainer.save_model(save_to)
+    tokenizer.save_pretrained(save_to)
+    logs = trainer.state.log_history
+    routed = [r["trace/routed_token_frac"] for r in logs if "trace/routed_token_frac" in r]
+    return RunResult(
+        name=name,
+        accuracy_after=accuracy,
+        rewards=[r["reward"] for r in logs if "reward" in r],
+        seconds=seconds,
+        model_path=save_to,
+        exposure=float(trainer.privileged_exposure),
+        routed_frac=sum(routed) / len(routed) if routed else None,
+        annotation_failures=sum(r.get("trace/annotation_failures", 0.0) for r in logs),
+    )
+
+
+def plot_rewards(runs: Sequence[RunResult], path: str, window: int = 10) -> str | None:
+    """Reward per step (thin) and its running mean over `window` steps (thick) for each run; `None` without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run, color in zip(runs, ("tab:blue", "tab:orange"), strict=False):
+        steps = range(1, len(run.rewards) + 1)
+        smooth = [
+            sum(run.rewards[max(0, i - window + 1) : i + 1]) / len(run.rewards[max(0, i - window + 1) : i + 1])
+            for i in range(len(run.rewards))
+        ]
+        ax.plot(steps, run.rewards, color=color, alpha=0.25, linewidth=1)
+        ax.plot(steps, smooth, color=color, linewidth=2, label=f"{run.name} ({window}-step mean)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean rollout reward (sampled, temperature 1)")
+    ax.set_title("trace-trl demo: GRPO vs TRACE, same seed, data and budget")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,9 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
-    from trace_trl import TRACEConfig, TRACETrainer
+    from trace_trl import TRACEConfig
     from trace_trl.annotators import RegexAnnotator
-    from trace_trl.rewards import boxed_match_reward
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -163,86 +247,112 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ##### 2. Policy: a tiny Qwen3, warm-started so that it is sometimes right
     model_path, tokenizer = build_policy(train_problems, args.output_dir, args.sft_steps, args.seed)
+    from transformers import AutoModelForCausalLM
+
+    before = greedy_accuracy(AutoModelForCausalLM.from_pretrained(model_path), tokenizer, test_problems, 20)
     print(
         f"[2/4] tiny Qwen3 ({len(tokenizer)}-token vocabulary) warm-started for {args.sft_steps} steps -> {model_path}"
-        f" ({time.perf_counter() - started:.0f} s)"
+        f" ({time.perf_counter() - started:.0f} s); greedy accuracy {before:.1%}"
     )
 
-    ##### 3. TRACE
-    config = TRACEConfig(
-        output_dir=os.path.join(args.output_dir, "trace"),
-        use_cpu=True,
-        bf16=False,
-        seed=args.seed,
-        max_steps=args.steps,
-        learning_rate=args.learning_rate,
-        per_device_train_batch_size=8 * args.prompts_per_step,
-        num_generations=8,
-        max_completion_length=20,
-        temperature=1.0,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        kl_coef=1.0,
-        kl_warmup_steps=args.kl_warmup_steps,
-        kl_decay_steps=args.kl_decay_steps,
-        key_span_action="fkl",
-        error_span_action="rkl",
-        teacher_kind=args.teacher_kind,
+    ##### 3. GRPO, then TRACE: same checkpoint, seed, data order, batch and number of steps
+    def config(name: str, **trace_fields) -> TRACEConfig:
+        return TRACEConfig(
+            output_dir=os.path.join(args.output_dir, name),
+            use_cpu=True,
+            bf16=False,
+            seed=args.seed,
+            max_steps=args.steps,
+            learning_rate=args.learning_rate,
+            per_device_train_batch_size=8 * args.prompts_per_step,
+            num_generations=8,
+            max_completion_length=20,
+            temperature=1.0,
+            gradient_checkpointing=False,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            **trace_fields,
+        )
+
+    print(f"[3/4] GRPO and TRACE, {args.steps} steps each from the same checkpoint and seed")
+    grpo = _train(
+        "GRPO",
+        config("grpo", kl_coef=0.0),
+        model_path,
+        tokenizer,
+        dataset,
+        None,
+        test_problems,
+        os.path.join(args.output_dir, "grpo-model"),
     )
     # Where it matters in "7 + 5 = 12. \boxed{12}": the computed result and the boxed answer. In correct rollouts
-    # they are key spans (forward KL to the teacher), in incorrect ones the error spans (reverse KL).
+    # they are key spans, distilled from the teacher with forward KL (the paper's TRACE-FKL); incorrect rollouts train
+    # as GRPO.
     result = r"=\s*(-?\d+)"
     annotator = RegexAnnotator(
         key_patterns=[result, RegexAnnotator.BOXED_CONTENT], error_patterns=[result, RegexAnnotator.BOXED_CONTENT]
     )
-    trainer = TRACETrainer(
-        model=model_path,
-        reward_funcs=boxed_match_reward,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        annotator=annotator,
+    trace = _train(
+        "TRACE",
+        config(
+            "trace",
+            kl_coef=args.kl_coef,
+            kl_warmup_steps=args.kl_warmup_steps,
+            kl_decay_steps=args.kl_decay_steps,
+            key_span_action="fkl",
+            error_span_action="grpo",
+            teacher_kind=args.teacher_kind,
+        ),
+        model_path,
+        tokenizer,
+        dataset,
+        annotator,
+        test_problems,
+        os.path.join(args.output_dir, "trace-model"),
     )
-    before = greedy_accuracy(trainer.model, tokenizer, test_problems, config.max_completion_length)
-    print(
-        f"[3/4] TRACE for {args.steps} steps (KL held for {args.kl_warmup_steps}, annealed over {args.kl_decay_steps})"
-    )
-    print()
-    print("  step  reward  correct  key tok  err tok   FKL      RKL      KL weight  entropy")
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # our own one-line-per-step table replaces the raw dicts
-    trainer.add_callback(_PrintCallback())
-    trace_started = time.perf_counter()
-    trainer.train()
-    trace_seconds = time.perf_counter() - trace_started
-    after = greedy_accuracy(trainer.model, tokenizer, test_problems, config.max_completion_length)
 
     ##### 4. Report
-    history = [r for r in trainer.state.log_history if "reward" in r]
-    routed = [r for r in trainer.state.log_history if "trace/routed_token_frac" in r]
+    runs = (grpo, trace)
     print()
-    print("[4/4] what happened")
-    print(f"  greedy accuracy on {len(test_problems)} held-out problems: {before:.1%} before -> {after:.1%} after")
-    if len(history) >= 20:
-        first, last = history[:10], history[-10:]
+    print("[4/4] what happened (one seed of a tiny model: an illustration, not evidence)")
+    print()
+    print(f"  {'':6}  greedy accuracy on {len(test_problems)} held-out problems   mean rollout reward    train time")
+    print(f"  {'':6}  {'before':>8}  {'after':>8}  {'change':>8}               first 10  last 10")
+    for run in runs:
+        first, last = run.rewards[:10], run.rewards[-10:]
         print(
-            f"  mean rollout reward (sampled at temperature 1): {sum(r['reward'] for r in first) / 10:.3f} over the first"
-            f" 10 steps -> {sum(r['reward'] for r in last) / 10:.3f} over the last 10"
+            f"  {run.name:6}  {before:8.1%}  {run.accuracy_after:8.1%}  {100 * (run.accuracy_after - before):+7.1f}pp"
+            f"               {sum(first) / max(len(first), 1):8.3f}  {sum(last) / max(len(last), 1):7.3f}"
+            f"    {run.seconds:5.0f} s"
         )
-    if routed:
-        mean_routed = sum(r["trace/routed_token_frac"] for r in routed) / len(routed)
-        print(f"  tokens routed to the KL channel while it was on: {mean_routed:.1%} (the rest trained with GRPO)")
-    print(f"  cumulative privileged exposure (KL weight x routed tokens): {trainer.privileged_exposure:.0f}")
+    print()
+    if trace.routed_frac is not None:
+        print(
+            f"  TRACE routed {trace.routed_frac:.1%} of the tokens to the KL channel while it was on (the rest: GRPO);"
+        )
     print(
-        f"  annotation failures: {sum(r.get('trace/annotation_failures', 0) for r in trainer.state.log_history):.0f}"
+        f"  cumulative privileged exposure {trace.exposure:.0f} (KL weight x routed tokens); annotation failures "
+        f"{trace.annotation_failures:.0f}."
+    )
+    plot_path = plot_rewards(runs, os.path.join(args.output_dir, "reward_curves.png"))
+    if plot_path is None:
+        print('  Reward curves: no plot, matplotlib is missing (pip install "trace-trl[notebook]").')
+    else:
+        print(f"  Reward curves: {plot_path}")
+    print(f"  Trained TRACE model: {trace.model_path} (GRPO's: {grpo.model_path}); load it with")
+    print(f"  AutoModelForCausalLM.from_pretrained({trace.model_path!r}).")
+    print(f"  Everything took {time.perf_counter() - started:.0f} s.")
+    print()
+    print("Next steps:")
+    print(
+        "  - the evidence: the paper's ablation grid over 5 seeds, `python benchmarks/replication.py` (docs/replication.md);"
     )
     print(
-        f"  TRACE took {trace_seconds:.0f} s; everything {time.perf_counter() - started:.0f} s. Outputs in {args.output_dir}/"
+        "  - your own model in a notebook: notebooks/trace_quickstart.ipynb (LoRA on a small model, spans and curves);"
     )
+    print("  - a paper recipe: `trace-trl train --list`, then e.g. `trace-trl train qwen3-1.7b-trace-lora`.")
     return 0
 
 
@@ -253,7 +363,12 @@ def _fmt(value: float | None, width: int, digits: int = 3) -> str:
 
 
 class _PrintCallback:
-    """One line per optimizer step, from the metrics TRACE logs through TRL."""
+    """A line every `every` optimizer steps, from the metrics TRACE logs through TRL."""
+
+    def __init__(self, name: str, every: int) -> None:
+        self.name = name
+        self.every = every
+        self.rewards: list[float] = []
 
     def __getattr__(self, name):  # TrainerCallback hooks we do not use
         if name.startswith("on_"):
@@ -262,13 +377,16 @@ class _PrintCallback:
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
-        if "loss" not in logs:
+        if "reward" not in logs:
             return
+        self.rewards.append(logs["reward"])
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        recent = self.rewards[-self.every :]
         print(
-            f"  {state.global_step:4d}  {_fmt(logs.get('reward'), 6)}  {_fmt(logs.get('trace/correct_frac'), 7)}"
-            f"  {_fmt(logs.get('trace/key_token_frac'), 7)}  {_fmt(logs.get('trace/error_token_frac'), 7)}"
-            f"  {_fmt(logs.get('trace/fkl_mean'), 7, 4)}  {_fmt(logs.get('trace/rkl_mean'), 7, 4)}"
-            f"  {_fmt(logs.get('trace/kl_weight'), 9, 2)}  {_fmt(logs.get('entropy'), 7)}"
+            f"  {self.name:5} step {state.global_step:4d}  reward {_fmt(sum(recent) / len(recent), 5)} (mean of the"
+            f" last {len(recent)})  KL weight {_fmt(logs.get('trace/kl_weight', 0.0), 4, 2)}"
+            f"  routed {_fmt(logs.get('trace/routed_token_frac'), 5)}  entropy {_fmt(logs.get('entropy'), 5)}"
         )
 
 
