@@ -407,7 +407,8 @@ def test_an_annotator_exception_that_echoes_the_api_key_is_redacted(tiny_model_d
 
     trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=leaky)
     trainer.model.train()
-    with caplog.at_level("WARNING"):
+    # On the package's logger: an earlier `trace-trl train` run in the same process may have raised its level.
+    with caplog.at_level("WARNING", logger="trace_trl"):
         trainer._generate_and_score_completions([math_dataset()[0]] * 4)
     assert "PermissionError" in caplog.text and key not in caplog.text and key[-8:] not in caplog.text
     assert trainer._metrics["train"]["trace/annotation_failures"][-1] == 4
