@@ -32,8 +32,8 @@ response length over training; the log-probability lift on teacher-supported key
 (and after the warm-up); cumulative privileged exposure; training wall time as a ratio to GRPO's in the same seed.
 Reported as the mean and a 95% bootstrap interval over seeds, with PNG curves.
 
-    python benchmarks/replication.py                     # the full study (about 45 minutes on 2 CPU cores)
-    python benchmarks/replication.py --quick             # the pipeline end to end in a few minutes (not a result)
+    python benchmarks/replication.py                     # the full study (23 minutes on 2 shared CPU cores)
+    python benchmarks/replication.py --quick             # the pipeline end to end in under a minute (not a result)
 """
 
 from __future__ import annotations
