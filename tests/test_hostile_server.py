@@ -59,6 +59,21 @@ def fast_annotator(server: FakeOpenAIServer, **kwargs) -> OpenAIAnnotator:
     return OpenAIAnnotator("fake-model", base_url=server.base_url, **kwargs)
 
 
+def annotate_argv(rollouts, output, server: FakeOpenAIServer) -> list[str]:
+    """`trace-trl annotate` against the fake server in the quote protocol it answers by default."""
+    return [
+        str(rollouts),
+        "-o",
+        str(output),
+        "--model",
+        "fake",
+        "--base-url",
+        server.base_url,
+        "--span-format",
+        "quotes",
+    ]
+
+
 def assert_no_secret(text: str, where: str) -> None:
     assert CANARY not in text, f"the API key leaked into {where}"
     assert TAIL8 not in text, f"the API key's last 8 characters leaked into {where}"
@@ -354,17 +369,7 @@ def test_key_echoed_by_the_server_reaches_no_error_log_file_or_page(tmp_path, ca
     output, page, cache = tmp_path / "out.jsonl", tmp_path / "out.html", tmp_path / "cache"
     with FakeOpenAIServer() as server:
         server.plan = ["401_echo", "echo_200"]
-        argv = [
-            str(rollouts),
-            "-o",
-            str(output),
-            "--model",
-            "fake",
-            "--base-url",
-            server.base_url,
-            "--span-format",
-            "quotes",
-        ]
+        argv = annotate_argv(rollouts, output, server)
         argv += ["--api-key-env", "MY_KEY", "--cache-dir", str(cache), "--quiet", "--max-concurrency", "1"]
         assert annotate_main(argv) == 0  # one of three annotated: a partial failure
         server.plan = ["401_echo", "echo_200"]
@@ -428,17 +433,7 @@ def test_annotate_exits_non_zero_when_every_annotation_failed(tmp_path, capsys, 
     monkeypatch.setenv("MY_KEY", CANARY)
     rollouts, output = _rollouts(tmp_path), tmp_path / "out.jsonl"
     with FakeOpenAIServer(default="401_echo") as server:
-        argv = [
-            str(rollouts),
-            "-o",
-            str(output),
-            "--model",
-            "fake",
-            "--base-url",
-            server.base_url,
-            "--span-format",
-            "quotes",
-        ]
+        argv = annotate_argv(rollouts, output, server)
         code = annotate_main([*argv, "--api-key-env", "MY_KEY", "--quiet", "--max-retries", "0"])
     captured = capsys.readouterr()
     assert code == 1
@@ -448,17 +443,7 @@ def test_annotate_exits_non_zero_when_every_annotation_failed(tmp_path, capsys, 
 
     with FakeOpenAIServer() as server:
         server.plan = ["500"]
-        argv = [
-            str(rollouts),
-            "-o",
-            str(output),
-            "--model",
-            "fake",
-            "--base-url",
-            server.base_url,
-            "--span-format",
-            "quotes",
-        ]
+        argv = annotate_argv(rollouts, output, server)
         code = annotate_main([*argv, "--quiet", "--max-retries", "0", "--max-concurrency", "1"])
     assert code == 0
     assert "1 of 3 annotations failed" in capsys.readouterr().err
