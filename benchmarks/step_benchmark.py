@@ -390,7 +390,7 @@ def dense_self_distillation_loss(trainer, model, inputs: dict[str, torch.Tensor]
         hidden = teacher.backbone(
             input_ids=inputs["teacher_input_ids"], attention_mask=inputs["teacher_attention_mask"], use_cache=False
         ).last_hidden_state
-        teacher_logits = F.linear(hidden[:, -length - 1 : -1], teacher.head_weight, teacher.head_bias)  # [B, T, V]
+        teacher_logits = F.linear(hidden[:, -length - 1 : -1], *teacher.head())  # [B, T, V]
     if temperature != 1.0:
         student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
     log_p_s = F.log_softmax(student_logits.float(), dim=-1)

@@ -244,7 +244,7 @@ def test_copy_follows_the_policy_device_and_dtype(tiny_model_dir, kind):
     policy.to(torch.float64)
     with torch.no_grad(), teacher.activate(policy) as view:
         hidden = view.backbone(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state
-    assert hidden.dtype == torch.float64 and view.head_weight.dtype == torch.float64
+    assert hidden.dtype == torch.float64 and view.head()[0].dtype == torch.float64
     assert {p.dtype for p in teacher._copy.parameters()} == {torch.float64}
     assert {b.dtype for b in teacher._copy.buffers()} == {b.dtype for b in policy.buffers()}
     teacher.update(policy, step=1)  # EMA step / sync in the new dtype

@@ -52,6 +52,8 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from .sharding import is_zero3_param
+
 
 DIVERGENCE_KINDS: tuple[str, ...] = ("fkl", "rkl")
 DEFAULT_CHUNK_SIZE = 1024
@@ -112,8 +114,10 @@ def chunked_divergence(
             f"The student and teacher heads must share the vocabulary; got {student_head[0].shape[0]} and "
             f"{teacher_head[0].shape[0]} rows."
         )
-    if student_hidden.shape[0] == 0:
-        # Keep the graph connected so an empty micro-batch still back-propagates a zero.
+    if student_hidden.shape[0] == 0 and not is_zero3_param(student_head[0]):
+        # Keep the graph connected so an empty micro-batch still back-propagates a zero. A ZeRO-3 partitioned head goes
+        # through the function anyway: its gathers (one in the forward, one in the backward) are collectives that
+        # every process must make, routed tokens or not.
         return student_hidden.sum(-1).float() * 0.0
     teacher_weight, teacher_bias = teacher_head
     return ClippedDivergenceFunction.apply(
@@ -238,6 +242,11 @@ class ClippedDivergenceFunction(torch.autograd.Function):
         (s_h, s_w, s_b, t_h, t_w, t_b, log_z_s, log_z_t, aux) = ctx.saved_tensors
         kind, term_clip, tf, chunk_size, vocab_tile = ctx.settings
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if s_h.shape[0] == 0:
+            # Nothing routed here (a ZeRO-3 head, see `chunked_divergence`): join the gathers, contribute no gradient.
+            with _lm_head_ctx(s_w, s_b), _lm_head_ctx(t_w, t_b):
+                pass
+            return (torch.zeros_like(s_h) if need_h else None, *(None,) * 12)
         grad_h = torch.zeros(s_h.shape, device=s_h.device, dtype=tf.dtype) if need_h else None
         grad_w = torch.zeros(s_w.shape, device=s_w.device, dtype=tf.dtype) if need_w else None
         grad_b = torch.zeros(s_b.shape, device=s_b.device, dtype=tf.dtype) if need_b else None

@@ -23,6 +23,16 @@ import torch
 from accelerate.utils import is_peft_model
 from torch import nn
 
+from .sharding import (
+    copy_shards,
+    full_tensor,
+    gathered_state_dict,
+    load_full_param,
+    load_full_state_dict,
+    local_shard,
+    unwrap_engine,
+)
+
 
 logger = logging.getLogger(__name__)
 
@@ -34,21 +44,35 @@ TEACHER_ADAPTER_NAMES = (EMA_ADAPTER_NAME, SYNCED_ADAPTER_NAME)
 
 @dataclass
 class TeacherView:
-    """What the KL channel needs of the teacher: its decoder stack and its LM head."""
+    """What the KL channel needs of the teacher: its decoder stack, its LM head, and what to call to run them.
 
-    backbone: nn.Module
-    head_weight: torch.Tensor
-    head_bias: torch.Tensor | None
+    `wrapper` is the module whose forward a sharded engine hooks (a DeepSpeed engine, an FSDP2 root, or the policy
+    itself) and `root` the module inside it whose `forward` is redirected to the decoder (`sharding.forward_through`).
+    """
+
+    causal_lm: nn.Module
+    wrapper: nn.Module
+    root: nn.Module
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.causal_lm.base_model
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's `(weight, bias)` as registered now (FSDP2 swaps sharded and gathered parameters)."""
+        head = self.causal_lm.get_output_embeddings()
+        return head.weight, head.bias
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The `*ForCausalLM` module inside a (possibly PEFT-wrapped) model."""
+    """The `*ForCausalLM` module inside a (possibly PEFT-wrapped, possibly DeepSpeed-wrapped) model."""
+    model = unwrap_engine(model)
     return model.get_base_model() if is_peft_model(model) else model
 
 
-def view_of(causal_lm: nn.Module) -> TeacherView:
-    head = causal_lm.get_output_embeddings()
-    return TeacherView(causal_lm.base_model, head.weight, head.bias)
+def view_of(model: nn.Module, wrapper: nn.Module | None = None) -> TeacherView:
+    root = unwrap_engine(model)
+    return TeacherView(causal_lm_of(root), wrapper if wrapper is not None else model, root)
 
 
 def lm_head_scaling(config) -> tuple[float, float | None]:
@@ -106,6 +130,15 @@ class Teacher:
             full fine-tuning run.
         kl_finished (`Callable[[int], bool]`, *optional*): whether the KL channel is off at this optimizer step and
             every later one. Defaults to never.
+        shard (`Callable[[nn.Module], nn.Module]`, *optional*): under FSDP2 or ZeRO-3 (full fine-tuning), builds an
+            empty model sharded exactly like the prepared policy it is given (`sharding.sharded_copy`). A copy is
+            then built at train begin as shards, filled shard by shard from the policy (no process holds a full
+            copy), synced and EMA-updated shard by shard, and checkpointed as gathered full weights; a `base` copy
+            (no reference model) is the policy at train begin and is saved in checkpoints too. Every process must
+            call `begin`, `update`, `state_dict`, `save` and `load`.
+
+    Under a sharded engine a LoRA teacher adapter is not deleted at the release (FSDP2 and ZeRO-3 hold references to
+    every parameter of a unit); it is only never used again.
     """
 
     def __init__(
@@ -117,6 +150,7 @@ class Teacher:
         sync_steps: int = 10,
         reference_model: nn.Module | None = None,
         kl_finished: Callable[[int], bool] | None = None,
+        shard: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         if kind not in ("synced", "live", "base", "ema"):
             raise ValueError(f"teacher_kind must be 'synced', 'live', 'base' or 'ema', got {kind!r}.")
@@ -136,6 +170,10 @@ class Teacher:
         self._synced_at: int | None = None
         self._restored = False  # a checkpoint's teacher state was loaded
         self._adapter_bytes = 0
+        self._shard = None if self.is_peft else shard
+        self.sharded = shard is not None
+        # Under a sharded engine a `base` copy is the policy at train begin (not a copy made here, before sharding).
+        self._snapshot_base = kind == "base" and not self.is_peft and reference_model is None and self.sharded
         if self.is_peft and getattr(policy, "peft_type", None) is not None:
             _reject_prompt_learning(policy)
         if self._kl_finished(0):
@@ -144,9 +182,9 @@ class Teacher:
         if kind == "base" and not self.is_peft:
             if reference_model is not None:
                 self._copy = reference_model
-            else:
+            elif self._shard is None:
                 self._copy, self._owns_copy = _frozen_copy(policy), True
-        elif kind == "ema" and not self.is_peft:
+        elif kind == "ema" and not self.is_peft and self._shard is None:
             self._copy, self._owns_copy = _frozen_copy(policy), True
         elif kind in ("ema", "synced") and self.is_peft:
             self._adapter = EMA_ADAPTER_NAME if kind == "ema" else SYNCED_ADAPTER_NAME
@@ -156,7 +194,8 @@ class Teacher:
                 _add_teacher_adapter(policy, self._adapter)
             self._adapter_bytes = sum(p.numel() * p.element_size() for p, _ in _adapter_pairs(policy, self._adapter))
             self._synced_at = 0 if kind == "synced" else None
-        # The full fine-tuning synced copy is made in `begin` (train begin), on the device training runs on.
+        # The full fine-tuning synced copy (and, under a sharded engine, every owned copy) is made in `begin` (train
+        # begin), on the device training runs on and after the engine has sharded the policy.
 
     @property
     def needs_updates(self) -> bool:
@@ -169,9 +208,10 @@ class Teacher:
         return None if self.released else self._adapter
 
     def memory_bytes(self) -> int:
-        """Extra parameter memory this teacher holds beyond the policy (0 once released)."""
+        """Extra parameter memory this teacher holds beyond the policy on this process (its shards under a sharded
+        engine; 0 once released)."""
         if self._copy is not None:
-            return sum(p.numel() * p.element_size() for p in self._copy.parameters())
+            return sum(_bytes(local_shard(p)) for p in self._copy.parameters())
         return self._adapter_bytes
 
     # ------------------------------------------------------------------------------------------------------------
@@ -185,12 +225,19 @@ class Teacher:
         if self._kl_finished(step):
             self.release(policy)
             return
-        if self.kind == "synced":
+        if self.kind == "synced" or self._snapshot_base:
             if self._restored:
                 self._ensure(policy)  # applies the checkpoint's snapshot of step floor(step / N) * N
                 self._synced_at = step - step % self.sync_steps
             else:
-                if step % self.sync_steps:
+                if self.kind == "base" and step:
+                    logger.warning(
+                        "Resuming at step %d without the base teacher's state (%s): the teacher restarts from the "
+                        "current policy instead of the initial weights.",
+                        step,
+                        TEACHER_STATE_FILE,
+                    )
+                elif step % self.sync_steps:
                     logger.warning(
                         "Resuming at step %d without the synced teacher's state (%s): the teacher restarts from the "
                         "current policy instead of the snapshot of step %d.",
@@ -228,7 +275,13 @@ class Teacher:
         self.released = True
         self._pending = None
         self._adapter_bytes = 0
-        if self._adapter is not None and policy is not None and self._adapter in getattr(policy, "peft_config", {}):
+        deletable = not self.sharded  # FSDP2 / ZeRO-3 keep references to every parameter of a unit
+        if (
+            deletable
+            and self._adapter is not None
+            and policy is not None
+            and self._adapter in getattr(policy, "peft_config", {})
+        ):
             trained = _trained_adapter_name(policy)
             policy.delete_adapter(self._adapter)
             policy.set_adapter(trained)
@@ -243,9 +296,10 @@ class Teacher:
     # Forward
     # ------------------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def activate(self, policy: nn.Module) -> Iterator[TeacherView]:
+    def activate(self, policy: nn.Module, wrapper: nn.Module | None = None) -> Iterator[TeacherView]:
         """Context in which the teacher's decoder and head are reachable, every module in eval mode; restores the
-        policy (active adapter, train/eval flags) on exit."""
+        policy (active adapter, train/eval flags) on exit. `wrapper` is what wraps `policy` (DDP, FSDP2, a DeepSpeed
+        engine): the view of a teacher that is the policy (`live`, adapters) runs through it."""
         if self.released:
             raise RuntimeError(
                 "The teacher was released when the KL weight reached zero for good; nothing uses it now."
@@ -253,11 +307,11 @@ class Teacher:
         self._ensure(policy)
         if self._copy is not None:
             with _eval_mode(self._copy):
-                yield view_of(causal_lm_of(self._copy))
+                yield view_of(self._copy)
             return
         if self.kind == "live":
             with _eval_mode(policy):
-                yield view_of(causal_lm_of(policy))
+                yield view_of(policy, wrapper)
             return
         from trl.trainer.utils import use_adapter
 
@@ -265,7 +319,7 @@ class Teacher:
         # `set_adapter` in PEFT re-enables gradients of the active adapter; the teacher runs under no_grad and the
         # trained adapter is restored (and re-marked trainable) on exit, before the student forward.
         with use_adapter(policy, self._adapter), _eval_mode(policy):
-            yield view_of(causal_lm_of(policy))
+            yield view_of(policy, wrapper)
         if self._adapter is not None:
             _freeze_adapter(policy, self._adapter)
             if not any(p.requires_grad for n, p in policy.named_parameters() if f".{active}." in n):
@@ -277,33 +331,37 @@ class Teacher:
     def state_dict(self, policy: nn.Module) -> dict[str, torch.Tensor]:
         """The teacher's own weights, when a checkpoint needs them: `ema` always, `synced` when it differs from the
         policy (the last sync was before the current step). `live`, `base` and released teachers need nothing."""
-        if self.released or self.kind not in ("ema", "synced"):
+        if self.released or not (self.kind in ("ema", "synced") or self._snapshot_base):
             return {}
         if self.kind == "synced" and self._synced_at == self._step:
             return {}  # the teacher equals the policy, which the checkpoint already holds
         if self._adapter is not None:
-            return {n: p.detach().cpu() for n, p in policy.named_parameters() if f".{self._adapter}." in n}
+            return {n: full_tensor(p).cpu() for n, p in policy.named_parameters() if f".{self._adapter}." in n}
         if self._copy is not None:
+            if self.sharded:
+                return gathered_state_dict(self._copy)
             return {k: v.detach().cpu() for k, v in self._copy.state_dict().items()}
         return {k: v.detach().cpu() for k, v in (self._pending or {}).items()}
 
     @torch.no_grad()
     def load_state_dict(self, policy: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        if self.kind not in ("ema", "synced") or not state or self.released:
+        if not (self.kind in ("ema", "synced") or self._snapshot_base) or not state or self.released:
             return
         self._pending = dict(state)
         self._restored = True
         if self._copy is not None or self._adapter is not None:
             self._ensure(policy)
 
-    def save(self, policy: nn.Module, directory: str) -> None:
+    def save(self, policy: nn.Module, directory: str, write: bool = True) -> None:
+        """Write the teacher's state into a checkpoint folder. Every process calls it (a sharded teacher's state is
+        gathered, a collective); only those with `write` write the file."""
         state = self.state_dict(policy)
-        if state:
+        if state and write:
             torch.save(state, os.path.join(directory, TEACHER_STATE_FILE))
 
     def load(self, policy: nn.Module, directory: str) -> bool:
         path = os.path.join(directory, TEACHER_STATE_FILE)
-        if self.kind not in ("ema", "synced") or self.released or not os.path.exists(path):
+        if not (self.kind in ("ema", "synced") or self._snapshot_base) or self.released or not os.path.exists(path):
             return False
         self.load_state_dict(policy, torch.load(path, map_location="cpu", weights_only=True))
         return True
@@ -314,22 +372,32 @@ class Teacher:
     @torch.no_grad()
     def _ensure(self, policy: nn.Module) -> None:
         """Build a missing synced copy, follow the policy's device and dtype, apply a loaded checkpoint state."""
-        if self.kind == "synced" and not self.is_peft and self._copy is None:
-            self._copy, self._owns_copy = _frozen_copy(policy), True
+        building = self.kind == "synced" or (self.sharded and self.kind in ("ema", "base"))
+        if building and not self.is_peft and self._copy is None:
+            self._copy, self._owns_copy = self._new_copy(policy), True
             self._synced_at = self._step
-        if self._copy is not None and self._owns_copy:
+        if self._copy is not None and self._owns_copy and not self.sharded:
             _follow(self._copy, policy)
         if self._pending is not None:
             state, self._pending = self._pending, None
             if self._copy is not None:
-                self._copy.load_state_dict(state)
+                # By parameter name, so a state saved by a sharded run loads into an unsharded one and back.
+                load_full_state_dict(self._copy, state)
             else:
                 params = dict(policy.named_parameters())
                 missing = set(state) - set(params)
                 if missing:
                     raise KeyError(f"Teacher state has parameters the policy lacks: {sorted(missing)[:3]}...")
                 for name, value in state.items():
-                    params[name].copy_(value.to(params[name].device, params[name].dtype))
+                    load_full_param(params[name], value)
+
+    def _new_copy(self, policy: nn.Module) -> nn.Module:
+        """A frozen copy of the policy now: sharded like it under FSDP2 / ZeRO-3, else a deep copy."""
+        if self._shard is None:
+            return _frozen_copy(policy)
+        copy = self._shard(policy)
+        copy_shards(copy, policy)
+        return copy
 
     @torch.no_grad()
     def _sync(self, policy: nn.Module, step: int) -> None:
@@ -339,6 +407,8 @@ class Teacher:
                 teacher_param.copy_(student_param)
         elif self._copy is None:
             self._ensure(policy)  # a fresh copy is the policy now
+        elif self.sharded:
+            copy_shards(self._copy, policy)
         else:
             _follow(self._copy, policy)
             student = dict(policy.named_parameters())
@@ -353,9 +423,12 @@ class Teacher:
     def _pairs(self, policy: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`(teacher tensor, student tensor)` for every teacher parameter."""
         if self._copy is not None:
-            student = dict(policy.named_parameters())
-            return [(p, student[name]) for name, p in self._copy.named_parameters()]
-        return _adapter_pairs(policy, self._adapter)
+            student = dict(unwrap_engine(policy).named_parameters())
+            return [
+                (local_shard(p), local_shard(student[name]))
+                for name, p in unwrap_engine(self._copy).named_parameters()
+            ]
+        return [(local_shard(t), local_shard(s)) for t, s in _adapter_pairs(policy, self._adapter)]
 
 
 def remove_teacher_adapters(directory: str) -> list[str]:
@@ -462,3 +535,7 @@ def _freeze_adapter(policy: nn.Module, adapter_name: str) -> None:
     for name, p in policy.named_parameters():
         if f".{adapter_name}." in name:
             p.requires_grad_(False)
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -7,8 +7,9 @@ It changes as little of `GRPOTrainer` as it can:
   build the teacher inputs), adding its tensors to the batch as `(B, ...)` tensors that survive GRPO's shuffling and
   splitting;
 - `_compute_loss` runs the teacher (no grad), then GRPO's own loss with per-token advantages that route GRPO away
-  from KL tokens, capturing the student's hidden states from GRPO's single forward with a hook, and adds the KL
-  channel on routed tokens, sequence-normalized (the paper) or with GRPO's normalizer;
+  from KL tokens; the KL channel on routed tokens is computed inside GRPO's single student forward (a hook on the
+  decoder's output), so FSDP2 and ZeRO-3 gather the LM head and reduce its gradient as for any loss computed in the
+  wrapped forward, and is sequence-normalized (the paper) or reduced with GRPO's normalizer;
 - `_save_checkpoint` / `_load_optimizer_and_scheduler` persist the cumulative exposure and the teacher's own weights."""
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
@@ -34,6 +34,7 @@ from .losses import grpo_token_weights, normalize_like_grpo, routed_divergence, 
 from .model_card import add_trace_settings
 from .routing import Route, RoutedBatchBuilder
 from .schedule import kl_weight, kl_weight_sq_sum
+from .sharding import FSDP2, ZERO3, forward_through, full_tensor, is_dtensor, reshard, sharded_copy, sharding_engine
 from .spans import TokenLabel
 from .teacher import Teacher, causal_lm_of, lm_head_scaling, remove_teacher_adapters
 
@@ -148,7 +149,7 @@ class TRACETrainer(GRPOTrainer):
                 f"{self.reward_func_names}."
             )
         _check_privileged_column(train_dataset if train_dataset is not None else self.train_dataset, args)
-        _check_sharded_training(self, args)
+        self.sharding_engine = _check_sharded_training(self, args)
         _warn_if_resume_is_inexact(args)
         if self._is_vlm and args.kl_coef > 0:
             raise NotImplementedError(
@@ -159,6 +160,7 @@ class TRACETrainer(GRPOTrainer):
         if annotator is not None:
             bind_annotator(annotator, self)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        engine = self.sharding_engine
         self.teacher = Teacher(
             args.teacher_kind,
             unwrapped,
@@ -166,6 +168,7 @@ class TRACETrainer(GRPOTrainer):
             sync_steps=args.teacher_sync_steps,
             reference_model=self.ref_model,
             kl_finished=self._kl_channel_off,
+            shard=(lambda policy: sharded_copy(policy, self.accelerator, engine)) if engine else None,
         )
         self.add_callback(_TeacherUpdateCallback(self))
         teacher_context = TeacherContextBuilder(
@@ -314,7 +317,7 @@ class TRACETrainer(GRPOTrainer):
         rows, cols = routed.nonzero(as_tuple=True)
         # Teacher first, so adapter switches (base/EMA teachers with LoRA) never sit between the student's forward and
         # its backward.
-        teacher_hidden, teacher_head = self._teacher_hidden_states(unwrapped, inputs, rows, cols)
+        teacher_hidden, teacher_head = self._teacher_hidden_states(model, unwrapped, inputs, rows, cols)
 
         grpo_weights = grpo_token_weights(
             routed, mode=self.args.routed_token_grpo, kl_weight=weight, kl_coef=self.args.kl_coef
@@ -322,24 +325,57 @@ class TRACETrainer(GRPOTrainer):
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         grpo_inputs = {**inputs, "advantages": advantages * grpo_weights}  # a new dict: batches are revisited
-        with self._capture_student(unwrapped) as captured:
-            loss = super()._compute_loss(model, grpo_inputs)
+        positions = (rows, inputs["prompt_ids"].size(1) - 1 + cols)
 
-        student = causal_lm_of(unwrapped)
-        head = student.get_output_embeddings()
-        prompt_width = inputs["prompt_ids"].size(1)
-        student_hidden = captured["hidden"][rows, prompt_width - 1 + cols]
-        kinds = route[rows, cols]
-        student_head = _full_head(head.weight, head.bias)
-        teacher_head = _full_head(*teacher_head)
-        per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        def kl_inside_forward(hidden: torch.Tensor):
+            return self._routed_kl(
+                unwrapped, hidden[positions], teacher_hidden, teacher_head, route[rows, cols], rows, cols, mask.shape
+            )
+
+        with self._capture_student(unwrapped, kl_inside_forward) as captured:
+            loss = super()._compute_loss(model, grpo_inputs)
+        if "kl" not in captured:
+            raise RuntimeError(
+                "GRPO's loss did not run the student's decoder, so TRACE's KL channel has no hidden states."
+            )
+        per_token, sums = captured["kl"]
+        if self.args.kl_normalization == "sequence":
+            kl_loss = sequence_normalize(
+                per_token, mask, gradient_accumulation_steps=self.current_gradient_accumulation_steps
+            )
+        else:
+            kl_loss = self.normalize_like_grpo(per_token, mask, inputs)
+        self._log_loss_metrics(sums, routed, mask, inputs["trace_labels"], captured.get("entropy"), weight)
+        return loss + weight * kl_loss
+
+    def _routed_kl(self, unwrapped, student_hidden, teacher_hidden, teacher_head, kinds, rows, cols, shape):
+        """`[B, T]` per-token divergences (zero off the routed tokens) and their sums, from the student's hidden states
+        at the routed positions.
+
+        Runs inside the student's forward: under FSDP2 the head is the gathered parameter of the root unit; under
+        ZeRO-3 the kernel gathers the partitioned head (once in its forward, once in its backward). Both kinds go
+        through the kernel on every process, whatever it routes, so every process makes the same collectives.
+
+        Under FSDP2 with `reshard_after_forward` the root unit is freed after the forward and gathered again by the
+        pre-backward hook on the forward's outputs (GRPO's log-probs). The kernel's backward runs after that hook:
+        every node of GRPO's loss is created after this function runs, and the autograd engine runs the most recently
+        created ready node first, so it reaches the log-probs before any node of the KL channel.
+        """
+        head = causal_lm_of(unwrapped).get_output_embeddings()
+        if is_dtensor(head.weight):
+            raise RuntimeError(
+                "The LM head is still sharded inside the model's forward: it is its own FSDP unit. Keep `lm_head` in "
+                "the root unit (TRANSFORMER_BASED_WRAP wraps only the decoder layers, as in "
+                "examples/accelerate/fsdp2.yaml); TRL's fused log-prob head needs that too."
+            )
+        per_token = torch.zeros(shape, dtype=torch.float32, device=student_hidden.device)
         sums = []
         for code, kind in ((Route.FKL, "fkl"), (Route.RKL, "rkl")):
             selected = kinds == code
             divergence = routed_divergence(
                 student_hidden[selected],
                 teacher_hidden[selected],
-                student_head,
+                (head.weight, head.bias),
                 teacher_head,
                 kind,
                 topk=self.args.kl_topk,
@@ -351,14 +387,7 @@ class TRACETrainer(GRPOTrainer):
             )
             per_token = per_token.index_put((rows[selected], cols[selected]), divergence)
             sums += [divergence.detach().sum(), selected.sum().float()]
-        if self.args.kl_normalization == "sequence":
-            kl_loss = sequence_normalize(
-                per_token, mask, gradient_accumulation_steps=self.current_gradient_accumulation_steps
-            )
-        else:
-            kl_loss = self.normalize_like_grpo(per_token, mask, inputs)
-        self._log_loss_metrics(sums, routed, mask, inputs["trace_labels"], captured.get("entropy"), weight)
-        return loss + weight * kl_loss
+        return per_token, sums
 
     def normalize_like_grpo(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         """Reduce a `[B, T]` per-token loss with this run's GRPO normalizer (`loss_type`, accumulation, processes)."""
@@ -375,12 +404,15 @@ class TRACETrainer(GRPOTrainer):
         )
 
     def _teacher_hidden_states(
-        self, unwrapped, inputs, rows: torch.Tensor, cols: torch.Tensor
+        self, model, unwrapped, inputs, rows: torch.Tensor, cols: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Teacher hidden states at the routed positions, from a forward over only the rows that need it.
+        """Teacher hidden states at the routed positions, from a forward over only the rows that need it, and the
+        teacher's LM head `(weight, bias)`.
 
         Each row is cut after its batch's last routed token: with causal attention the tokens after it cannot change
-        the hidden states before it.
+        the hidden states before it. Under FSDP2 / ZeRO-3 the forward runs through the teacher's wrapper (so the
+        engine gathers each unit's weights) and the head is gathered once into plain tensors in the hidden states'
+        dtype; every process does both, routed tokens or not.
         """
         teacher_rows, local_index = torch.unique(rows, return_inverse=True)
         completion_width = inputs["completion_ids"].size(1)
@@ -392,22 +424,33 @@ class TRACETrainer(GRPOTrainer):
             teacher_rows = torch.zeros(1, dtype=torch.long, device=rows.device)
         input_ids = inputs["teacher_input_ids"][teacher_rows, :cut]
         attention_mask = inputs["teacher_attention_mask"][teacher_rows, :cut]
-        with torch.no_grad(), self.teacher.activate(unwrapped) as view, self.accelerator.autocast():
-            hidden = view.backbone(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state
-            head = (view.head_weight, view.head_bias)
+
+        def decoder(view) -> torch.Tensor:
+            return view.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+        with torch.no_grad(), self.teacher.activate(unwrapped, wrapper=model) as view, self.accelerator.autocast():
+            if self.sharding_engine is None:
+                hidden = decoder(view)
+                head = view.head()
+            else:
+                hidden = forward_through(view.wrapper, view.root, decoder, view)
+                reshard(view.wrapper)  # FSDP2 keeps a root unit gathered after its forward; gather the head alone
+                weight, bias = view.head()
+                head = (full_tensor(weight, hidden.dtype), full_tensor(bias, hidden.dtype))
         return hidden[local_index, teacher_prompt_width - 1 + cols].detach(), head
 
     @contextlib.contextmanager
-    def _capture_student(self, unwrapped) -> Iterator[dict[str, Any]]:
-        """Capture the decoder's last hidden states (with grad) and GRPO's per-token entropies of one forward."""
+    def _capture_student(self, unwrapped, kl_inside_forward) -> Iterator[dict[str, Any]]:
+        """While GRPO's loss runs: on the decoder's output, inside the student's single forward, compute the KL channel
+        with `kl_inside_forward(hidden_states)`; and keep GRPO's per-token entropies."""
         captured: dict[str, Any] = {}
 
-        def keep_hidden(module, args, output):
-            captured["hidden"] = output.last_hidden_state
+        def routed_kl_hook(module, args, output):
+            if "kl" in captured:
+                raise RuntimeError("The student's decoder ran twice in one GRPO loss; TRACE expects a single forward.")
+            captured["kl"] = kl_inside_forward(output.last_hidden_state)
 
-        handle = causal_lm_of(unwrapped).base_model.register_forward_hook(keep_hidden)
+        handle = causal_lm_of(unwrapped).base_model.register_forward_hook(routed_kl_hook)
         self._captured = captured
         try:
             yield captured
@@ -451,14 +494,14 @@ class TRACETrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
         checkpoint = os.path.join(
             self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         )
-        with open(os.path.join(checkpoint, TRACE_STATE_FILE), "w") as f:
-            json.dump({"privileged_exposure": self.privileged_exposure}, f)
-        self.teacher.save(self.accelerator.unwrap_model(self.model), checkpoint)
+        # Every process: a sharded teacher's state is gathered (a collective); the main process writes.
+        self.teacher.save(self.accelerator.unwrap_model(self.model), checkpoint, write=self.args.should_save)
+        if self.args.should_save:
+            with open(os.path.join(checkpoint, TRACE_STATE_FILE), "w") as f:
+                json.dump({"privileged_exposure": self.privileged_exposure}, f)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -492,50 +535,29 @@ class TRACETrainer(GRPOTrainer):
             self.create_model_card(model_name=os.path.basename(os.path.normpath(self.args.output_dir)))
 
 
-def _full_head(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Under FSDP2 the head's weight is a DTensor; the chunked kernel needs plain tensors (one all-gather, as TRL's
-    distillation loss does). ZeRO-3 partitions are gathered inside the kernel itself."""
-    dtensor = getattr(getattr(torch.distributed, "tensor", None), "DTensor", None)
-    if dtensor is not None and isinstance(weight, dtensor):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if bias is not None else None
-    return weight, bias
+def _check_sharded_training(trainer: TRACETrainer, args: TRACEConfig) -> str | None:
+    """The sharded engine the KL channel runs under (`"fsdp2"`, `"zero3"` or `None`), refusing what it cannot run.
 
-
-def _check_sharded_training(trainer: TRACETrainer, args: TRACEConfig) -> None:
-    """Refuse the KL channel under ZeRO-3 / FSDP until it runs inside the wrapped module's forward.
-
-    The KL channel reads `lm_head.weight` directly, outside the model's forward, and the teacher forward calls the inner
-    decoder. Under ZeRO-3 / FSDP that breaks in two ways: a trained head (full fine-tuning) would not get its gradient
-    reduced by the engine, and processes that route different numbers of tokens would make different numbers of
-    weight-gathering collectives (the chunked divergence gathers per chunk; a process with nothing routed gathers
-    nothing), which can deadlock even with LoRA; under FSDP2 the teacher forward also skips the root module's
-    pre-forward that unshards the embeddings. Until TRACE computes the channel inside the wrapped forward (TRL's
-    `_ForwardRedirection`) with the same collectives on every process, both are refused with plain GRPO still allowed.
+    FSDP2 and ZeRO-3 are supported for full fine-tuning and LoRA: the KL channel runs inside the student's wrapped
+    forward and the teacher's forward through its wrapper (see `_routed_kl` and `_teacher_hidden_states`). Refused:
+    FSDP1 (deprecated upstream) and the top-k ablation under ZeRO-3 (its chunks read the partitioned head directly).
     """
     if args.kl_coef == 0:
-        return
-    zero3 = (
-        bool(trainer.is_deepspeed_enabled)
-        and getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", None) == 3
-    )
-    fsdp = bool(trainer.is_fsdp_enabled)
-    if not (zero3 or fsdp):
-        return
-    engine = "DeepSpeed ZeRO-3" if zero3 else "FSDP"
-    lora = is_peft_model(trainer.accelerator.unwrap_model(trainer.model))
-    reason = (
-        "processes that route different numbers of tokens would make different numbers of weight-gathering "
-        "collectives (a deadlock) and the teacher forward bypasses the root module's unsharding"
-        if lora
-        else "the routed divergence reads the LM head outside the model's forward, so the engine would not reduce "
-        "the head's gradient"
-    )
-    raise NotImplementedError(
-        f"TRACE's KL channel under {engine} ({'LoRA' if lora else 'full fine-tuning'}) is not supported yet: {reason}. "
-        "Use DDP or DeepSpeed ZeRO-1/2 (e.g. examples/accelerate/zero2.yaml), or set `kl_coef=0` for plain GRPO. See "
-        "docs/scaling.md."
-    )
+        return None
+    engine = sharding_engine(trainer.accelerator)
+    if engine == ZERO3 and args.kl_topk is not None:
+        raise NotImplementedError(
+            "`kl_topk` (the top-k divergence ablation) reads the LM head outside the ZeRO-3 gather; under DeepSpeed "
+            "ZeRO-3 use the full-vocabulary divergence (`kl_topk=None`, the default) or FSDP2."
+        )
+    if engine == FSDP2 and type(getattr(trainer.accelerator.state.fsdp_plugin, "cpu_offload", None)).__name__ == (
+        "CPUOffloadPolicy"
+    ):
+        logger.warning(
+            "FSDP2 with parameter offload: the teacher copy is sharded with the same offload policy, and its LM head "
+            "is gathered to the training device once per step during the KL phase."
+        )
+    return engine
 
 
 def _check_privileged_column(dataset: Any, args: TRACEConfig) -> None:

@@ -1,0 +1,157 @@
+"""One process of the two-process FSDP2 CPU (gloo) tests in `test_sharded.py`; not a test module itself.
+
+Accelerate 1.15 only turns an FSDP plugin on for accelerator-backed process groups: on CPU it silently falls back to
+DDP (`AcceleratorState` keeps `MULTI_CPU`). `enable_fsdp_on_cpu` flips the state to FSDP after Accelerate built it,
+so the real path runs: Accelerate's `fsdp2_prepare_model` (`fully_shard` per decoder layer and the root, parameters
+as `DTensor` shards on a gloo mesh), TRL's generation and loss, and TRACE's sharded teacher and KL channel.
+
+Modes:
+- `parity`: only rank 0's rollouts get spans (rank 1 routes nothing), synced teacher, FKL on key and RKL on error
+  spans. Trains two steps, then computes the loss and the FSDP2-reduced gradients on one more batch for each case of
+  `multiprocess_worker.CASES`, and dumps them with the batch, the full weights, the teacher's full weights and logs.
+- `train`: trains to `max_steps` (checkpoints every 2 steps), or resumes from `<out_dir>/../run/checkpoint-2` with
+  `resume`, and dumps the full weights and the teacher's full weights at the end.
+
+Usage: python sharded_worker.py MODEL_DIR OUT_DIR MODE(parity|train|resume) PEFT(0|1)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}.items():
+    os.environ.setdefault(key, value)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from multiprocess_worker import BATCH_KEYS, CASES, RankZeroAnnotator  # noqa: E402
+from trainer_helpers import HalfSpanAnnotator, make_trainer, math_dataset, trace_config  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from trace_trl import TRACETrainer  # noqa: E402
+from trace_trl.sharding import full_tensor, gathered_state_dict, is_dtensor  # noqa: E402
+
+
+FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["Qwen3DecoderLayer"], "reshard_after_forward": True}
+
+
+def enable_fsdp_on_cpu() -> None:
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
+def build(model_dir: str, out_dir: str, peft: bool, annotator=None, **overrides) -> TRACETrainer:
+    """The trainer both sides use: FSDP2 when launched on two processes, a plain single process otherwise."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    settings = dict(
+        max_steps=2,
+        kl_warmup_steps=100,
+        error_span_action="rkl",
+        teacher_kind="synced",
+        teacher_sync_steps=10,
+    )
+    if distributed:
+        settings.update(fsdp="full_shard", fsdp_config=FSDP_CONFIG)
+    settings.update(overrides)
+    args = trace_config(Path(out_dir), **settings)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return make_trainer(model_dir, tokenizer, args, annotator or HalfSpanAnnotator(), peft=peft)
+
+
+def full_weights(model) -> dict[str, torch.Tensor]:
+    return gathered_state_dict(model)
+
+
+def teacher_weights(trainer: TRACETrainer) -> dict[str, torch.Tensor]:
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    return {k: v for k, v in trainer.teacher.state_dict(unwrapped).items()}
+
+
+def parity(trainer: TRACETrainer, out_dir: str) -> None:
+    rank = trainer.accelerator.process_index
+    trainer.train()  # must not hang although rank 1 never routes a token
+    logs = [{k: v for k, v in r.items() if k.startswith("trace/")} for r in trainer.state.log_history]
+    model = trainer.model_wrapped
+    assert trainer.sharding_engine == "fsdp2", trainer.sharding_engine
+    assert is_dtensor(next(model.parameters())), "the policy should be sharded"
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    teacher_params = (
+        trainer.teacher._copy.parameters()
+        if trainer.teacher._copy is not None
+        else (p for n, p in unwrapped.named_parameters() if f".{trainer.teacher.adapter_name}." in n)
+    )
+    assert is_dtensor(next(teacher_params)), "the synced teacher should be sharded"
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    rows = [math_dataset()[rank] for _ in range(4)]  # one prompt group per process
+    batch = trainer._generate_and_score_completions(rows)
+    results = {}
+    for loss_type, kl_normalization in CASES:
+        trainer.loss_type = loss_type
+        trainer.args.kl_normalization = kl_normalization
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, batch)
+        trainer.accelerator.backward(loss)  # FSDP2 reduce-scatter: gradients averaged over the two processes
+        grads = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[(loss_type, kl_normalization)] = {"loss": loss.detach().item(), "grads": grads}
+    dump = {
+        "rank": rank,
+        "batch": {k: batch[k].detach().cpu() for k in BATCH_KEYS},
+        "results": results,
+        "weights": full_weights(model),
+        "teacher": teacher_weights(trainer),
+        "logs": logs,
+        "teacher_bytes": trainer.teacher.memory_bytes(),
+    }
+    torch.save(dump, os.path.join(out_dir, f"rank{rank}.pt"))
+    trainer.accelerator.wait_for_everyone()
+
+
+def train(trainer: TRACETrainer, out_dir: str, resume: str | None) -> None:
+    trainer.train(resume_from_checkpoint=resume)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    state = trainer.teacher.state_dict(unwrapped) if not trainer.teacher.released else {}
+    dump = {"weights": full_weights(trainer.model_wrapped), "teacher": state, "step": trainer.state.global_step}
+    if trainer.accelerator.is_main_process:
+        torch.save(dump, os.path.join(out_dir, "final.pt"))
+    trainer.accelerator.wait_for_everyone()
+
+
+def main(model_dir: str, out_dir: str, mode: str, peft: bool) -> None:
+    enable_fsdp_on_cpu()
+    if mode == "parity":
+        trainer = build(model_dir, out_dir, peft, annotator=RankZeroAnnotator())
+        assert trainer.accelerator.num_processes == 2
+        parity(trainer, out_dir)
+        return
+    # Resume: checkpoints every 2 steps; the synced teacher syncs every 3, so checkpoint-2 lies between two syncs.
+    overrides = dict(max_steps=4, save_strategy="steps", save_steps=2, teacher_sync_steps=3, kl_warmup_steps=100)
+    run_dir = os.path.join(os.path.dirname(out_dir), "run")
+    trainer = build(model_dir, run_dir if mode == "train" else out_dir, peft, **overrides)
+    train(trainer, out_dir, os.path.join(run_dir, "out", "checkpoint-2") if mode == "resume" else None)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1")
