@@ -50,6 +50,15 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     return str(save_tiny_model(build_tiny_qwen3(tiny_tokenizer), tiny_tokenizer, path))
 
 
+@pytest.fixture(scope="session")
+def untied_tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """The tiny Qwen3 with its own LM head (untied from the input embeddings, as in Qwen3-8B)."""
+    from trace_trl.tiny import build_tiny_qwen3, save_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-qwen3-untied")
+    return str(save_tiny_model(build_tiny_qwen3(tiny_tokenizer, tie_word_embeddings=False), tiny_tokenizer, path))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

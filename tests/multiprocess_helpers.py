@@ -21,30 +21,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two_processes(worker: str, args: list[str], out_dir: str, timeout: int = TIMEOUT_S) -> None:
-    """Run `python <worker> <args>` as ranks 0 and 1 of a two-process group; fail with a log tail on error or hang."""
+def launch_processes(
+    worker: str,
+    args: list[str],
+    out_dir: str,
+    world: int,
+    timeout: int = TIMEOUT_S,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Run `python <worker> <args>` as ranks 0..world-1 of one process group (with `env` added to the environment);
+    fail with a log tail on error or hang."""
     os.makedirs(out_dir, exist_ok=True)
     port = str(_free_port())
     procs = []
-    for rank in range(2):
-        env = {
+    for rank in range(world):
+        rank_env = {
             **os.environ,
+            **(env or {}),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
             "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE]),
         }
         log = open(os.path.join(out_dir, f"log{rank}.txt"), "w")
         command = [sys.executable, os.path.join(HERE, worker), *args]
-        procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append((subprocess.Popen(command, env=rank_env, stdout=log, stderr=subprocess.STDOUT), log))
     try:
         for proc, _ in procs:
             proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the two-process run did not finish in {timeout}s (a collective reached by one process only?)")
+        pytest.fail(
+            f"the {world}-process run did not finish in {timeout}s (a collective reached by one process only?)"
+        )
     finally:
         for proc, log in procs:
             if proc.poll() is None:
@@ -56,6 +67,13 @@ def launch_two_processes(worker: str, args: list[str], out_dir: str, timeout: in
             with open(os.path.join(out_dir, f"log{rank}.txt")) as f:
                 tail = f.read()[-4000:]
             pytest.fail(f"rank {rank} exited with {proc.returncode}:\n{tail}")
+
+
+def launch_two_processes(
+    worker: str, args: list[str], out_dir: str, timeout: int = TIMEOUT_S, env: dict[str, str] | None = None
+) -> None:
+    """Two CPU (gloo) processes of `worker`, see `launch_processes`."""
+    launch_processes(worker, args, out_dir, 2, timeout, env)
 
 
 def _pad_cat(tensors: list[torch.Tensor], value, side: str) -> torch.Tensor:
@@ -86,5 +104,3 @@ def global_batch(batches: list[dict], pad_id: int) -> dict:
         "teacher_input_ids": torch.cat([_pad_cat(teacher_prompts, pad_id, "left"), completion_ids], 1),
         "teacher_attention_mask": torch.cat([_pad_cat(teacher_prompt_masks, 0, "left"), completion_mask], 1),
     }
-
-

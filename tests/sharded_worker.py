@@ -11,8 +11,12 @@ Modes:
   `multiprocess_worker.CASES`, and dumps them with the batch, the full weights, the teacher's full weights and logs.
 - `train`: trains to `max_steps` (checkpoints every 2 steps), or resumes from `<out_dir>/../run/checkpoint-2` with
   `resume`, and dumps the full weights and the teacher's full weights at the end.
+- `gpu`: on CUDA (NCCL), bf16 mixed precision, gradient checkpointing: two steps with the KL channel (synced
+  teacher), then dumps the logs, the losses and the peak CUDA memory (the GPU tests in `test_gpu.py`).
 
-Usage: python sharded_worker.py MODEL_DIR OUT_DIR MODE(parity|train|resume) PEFT(0|1)
+The engine is `TRACE_TEST_ENGINE` (`fsdp2`, the default, or `zero3`).
+
+Usage: python sharded_worker.py MODEL_DIR OUT_DIR MODE(parity|train|resume|gpu) PEFT(0|1) [TEACHER_KIND]
 """
 
 from __future__ import annotations
@@ -40,10 +44,36 @@ from trainer_helpers import HalfSpanAnnotator, make_trainer, math_dataset, trace
 from transformers import AutoTokenizer  # noqa: E402
 
 from trace_trl import TRACETrainer  # noqa: E402
-from trace_trl.sharding import full_tensor, gathered_state_dict, is_dtensor  # noqa: E402
+from trace_trl.sharding import full_tensor, gathered_state_dict, is_dtensor, is_zero3_param  # noqa: E402
+from trace_trl.train import save_final_model  # noqa: E402
 
 
-FSDP_CONFIG = {"version": 2, "transformer_layer_cls_to_wrap": ["Qwen3DecoderLayer"], "reshard_after_forward": True}
+# As in examples/accelerate/fsdp2.yaml: sharded checkpoints (resume reads them back), layers as units.
+FSDP_CONFIG = {
+    "version": 2,
+    "transformer_layer_cls_to_wrap": ["Qwen3DecoderLayer"],
+    "reshard_after_forward": True,
+    "state_dict_type": "SHARDED_STATE_DICT",
+}
+# ZeRO-3 without offload, fp32, and every parameter partitioned (no persistence threshold: the tiny model's tensors
+# would otherwise all stay gathered); a torch optimizer, since DeepSpeed's own would need compiled CPU ops.
+ZERO3_CONFIG = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "zero_optimization": {
+        "stage": 3,
+        "stage3_gather_16bit_weights_on_model_save": True,  # as examples/accelerate/zero3.yaml: full final weights
+        "stage3_param_persistence_threshold": 0,
+        "stage3_max_reuse_distance": 0,
+        "stage3_prefetch_bucket_size": 0,
+    },
+    "zero_force_ds_cpu_optimizer": False,
+    "bf16": {"enabled": False},
+    "fp16": {"enabled": False},
+}
+ENGINE = os.environ.get("TRACE_TEST_ENGINE", "fsdp2")
 
 
 def enable_fsdp_on_cpu() -> None:
@@ -63,8 +93,8 @@ def enable_fsdp_on_cpu() -> None:
 
 
 def build(model_dir: str, out_dir: str, peft: bool, annotator=None, **overrides) -> TRACETrainer:
-    """The trainer both sides use: FSDP2 when launched on two processes, a plain single process otherwise."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """The trainer both sides use: the engine when launched as a process group, a plain single process otherwise."""
+    distributed = "WORLD_SIZE" in os.environ  # launched as a process group (of one or more processes)
     settings = dict(
         max_steps=2,
         kl_warmup_steps=100,
@@ -72,12 +102,29 @@ def build(model_dir: str, out_dir: str, peft: bool, annotator=None, **overrides)
         teacher_kind="synced",
         teacher_sync_steps=10,
     )
-    if distributed:
+    if distributed and ENGINE == "fsdp2":
         settings.update(fsdp="full_shard", fsdp_config=FSDP_CONFIG)
+    elif distributed:
+        settings.update(deepspeed=ZERO3_CONFIG)
     settings.update(overrides)
     args = trace_config(Path(out_dir), **settings)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return make_trainer(model_dir, tokenizer, args, annotator or HalfSpanAnnotator(), peft=peft)
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    return is_dtensor(param) or is_zero3_param(param)
+
+
+def gradients(trainer: TRACETrainer) -> dict[str, torch.Tensor]:
+    """Every parameter's full, process-averaged gradient (DeepSpeed keeps ZeRO-3 gradients in its own partitions)."""
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    if ENGINE == "zero3":
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {n: safe_get_full_grad(p) for n, p in unwrapped.named_parameters() if p.requires_grad}
+        return {n: g.detach().clone() for n, g in grads.items() if g is not None}
+    return {n: full_tensor(p.grad).clone() for n, p in unwrapped.named_parameters() if p.grad is not None}
 
 
 def full_weights(model) -> dict[str, torch.Tensor]:
@@ -94,15 +141,16 @@ def parity(trainer: TRACETrainer, out_dir: str) -> None:
     trainer.train()  # must not hang although rank 1 never routes a token
     logs = [{k: v for k, v in r.items() if k.startswith("trace/")} for r in trainer.state.log_history]
     model = trainer.model_wrapped
-    assert trainer.sharding_engine == "fsdp2", trainer.sharding_engine
-    assert is_dtensor(next(model.parameters())), "the policy should be sharded"
+    assert trainer.sharding_engine == ENGINE, trainer.sharding_engine
+    assert is_sharded(next(model.parameters())), "the policy should be sharded"
     unwrapped = trainer.accelerator.unwrap_model(model)
-    teacher_params = (
-        trainer.teacher._copy.parameters()
-        if trainer.teacher._copy is not None
-        else (p for n, p in unwrapped.named_parameters() if f".{trainer.teacher.adapter_name}." in n)
-    )
-    assert is_dtensor(next(teacher_params)), "the synced teacher should be sharded"
+    if trainer.teacher.kind != "live":
+        teacher_params = (
+            trainer.teacher._copy.parameters()
+            if trainer.teacher._copy is not None
+            else (p for n, p in unwrapped.named_parameters() if f".{trainer.teacher.adapter_name}." in n)
+        )
+        assert is_sharded(next(teacher_params)), "the teacher should be sharded"
     model.train()
     trainer.current_gradient_accumulation_steps = 1
     rows = [math_dataset()[rank] for _ in range(4)]  # one prompt group per process
@@ -111,10 +159,10 @@ def parity(trainer: TRACETrainer, out_dir: str) -> None:
     for loss_type, kl_normalization in CASES:
         trainer.loss_type = loss_type
         trainer.args.kl_normalization = kl_normalization
-        model.zero_grad(set_to_none=True)
+        model.zero_grad() if ENGINE == "zero3" else model.zero_grad(set_to_none=True)
         loss = trainer.compute_loss(model, batch)
         trainer.accelerator.backward(loss)  # FSDP2 reduce-scatter: gradients averaged over the two processes
-        grads = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads = gradients(trainer)
         results[(loss_type, kl_normalization)] = {"loss": loss.detach().item(), "grads": grads}
     dump = {
         "rank": rank,
@@ -131,6 +179,8 @@ def parity(trainer: TRACETrainer, out_dir: str) -> None:
 
 def train(trainer: TRACETrainer, out_dir: str, resume: str | None) -> None:
     trainer.train(resume_from_checkpoint=resume)
+    final_dir = os.path.join(out_dir, "final-model")
+    save_final_model(trainer, final_dir)  # what `trace-trl train` saves: full weights, whatever the engine
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     state = trainer.teacher.state_dict(unwrapped) if not trainer.teacher.released else {}
     dump = {"weights": full_weights(trainer.model_wrapped), "teacher": state, "step": trainer.state.global_step}
@@ -139,10 +189,48 @@ def train(trainer: TRACETrainer, out_dir: str, resume: str | None) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def main(model_dir: str, out_dir: str, mode: str, peft: bool) -> None:
-    enable_fsdp_on_cpu()
+def gpu(model_dir: str, out_dir: str, peft: bool) -> None:
+    """bf16 steps on CUDA: the KL channel runs, its metrics and the loss are finite, the teacher is sharded."""
+    import math
+
+    settings = dict(use_cpu=False, bf16=True, gradient_checkpointing=True, max_completion_length=64)
+    if ENGINE == "zero3":
+        settings["deepspeed"] = {**ZERO3_CONFIG, "bf16": {"enabled": True}}
+    trainer = build(model_dir, out_dir, peft, **settings)
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    logs = trainer.state.log_history
+    losses = [r["loss"] for r in logs if "loss" in r]
+    kl = [r["trace/fkl_mean"] for r in logs if "trace/fkl_mean" in r]
+    assert trainer.sharding_engine == ENGINE, trainer.sharding_engine
+    assert losses and all(math.isfinite(x) for x in losses), losses
+    assert kl and all(math.isfinite(x) for x in kl if not math.isnan(x)), kl
+    dump = {
+        "losses": losses,
+        "kl": kl,
+        "peak_bytes": torch.cuda.max_memory_allocated(),
+        "world": trainer.accelerator.num_processes,
+    }
+    torch.save(dump, os.path.join(out_dir, f"gpu{rank}.pt"))
+    trainer.accelerator.wait_for_everyone()
+
+
+def main(model_dir: str, out_dir: str, mode: str, peft: bool, teacher_kind: str = "synced") -> None:
+    cuda = mode == "gpu"
+    if ENGINE == "zero3":
+        import deepspeed
+
+        # Before the config: DeepSpeed's `zero.Init` (inside `from_pretrained`) needs its process group up.
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    elif not cuda:
+        enable_fsdp_on_cpu()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        gpu(model_dir, out_dir, peft)
+        return
     if mode == "parity":
-        trainer = build(model_dir, out_dir, peft, annotator=RankZeroAnnotator())
+        trainer = build(model_dir, out_dir, peft, annotator=RankZeroAnnotator(), teacher_kind=teacher_kind)
         assert trainer.accelerator.num_processes == 2
         parity(trainer, out_dir)
         return
@@ -154,4 +242,7 @@ def main(model_dir: str, out_dir: str, mode: str, peft: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1")
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", *sys.argv[5:])
+    # Tear the process group down before the interpreter does (gloo and checkpoint threads otherwise abort at exit).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -121,3 +121,24 @@ def test_trace_peak_memory_is_well_below_dense_self_distillation(qwen_model_dir,
     )
     print(f"peak GPU memory: TRACE {trace / 2**20:.0f} MiB, dense self-distillation {dense / 2**20:.0f} MiB")
     assert trace < 0.9 * dense
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_bf16_steps_under_sharded_engines(untied_tiny_model_dir, tmp_path, engine, peft):
+    """bf16 TRACE steps (KL channel on, synced teacher sharded like the policy) under FSDP2 and DeepSpeed ZeRO-3, on
+    every visible GPU up to two (NCCL), through the same worker the CPU tests use (`sharded_worker.py`)."""
+    import os
+
+    from multiprocess_helpers import launch_processes
+
+    if engine == "zero3":
+        pytest.importorskip("deepspeed", reason="ZeRO-3 needs `pip install deepspeed`")
+    world = min(2, torch.cuda.device_count())
+    out_dir = str(tmp_path / "out")
+    args = [untied_tiny_model_dir, out_dir, "gpu", "1" if peft else "0"]
+    launch_processes("sharded_worker.py", args, out_dir, world, 600, {"TRACE_TEST_ENGINE": engine})
+    for rank in range(world):
+        dump = torch.load(os.path.join(out_dir, f"gpu{rank}.pt"), weights_only=False)
+        assert dump["world"] == world and len(dump["losses"]) == 2
+        print(f"{engine} {'lora' if peft else 'full'} rank {rank}: peak {dump['peak_bytes'] / 2**20:.1f} MiB")

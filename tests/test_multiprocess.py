@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 
 import pytest
 import torch
@@ -60,30 +59,3 @@ def test_two_processes_one_without_routed_tokens_match_one_process(tiny_model_di
         for name, grad in grads.items():
             assert torch.equal(ddp[0]["grads"][name], ddp[1]["grads"][name])
             torch.testing.assert_close(ddp[0]["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"{case} {name}")
-
-
-@pytest.mark.parametrize(("zero3", "fsdp"), [(True, False), (False, True)])
-def test_kl_channel_under_sharding_is_refused_for_full_finetuning_and_lora(tiny_model_dir, zero3, fsdp):
-    from peft import get_peft_model
-    from trainer_helpers import lora_config
-    from transformers import AutoModelForCausalLM
-
-    from trace_trl.trainer import _check_sharded_training
-
-    def fake_trainer(model):
-        plugin = types.SimpleNamespace(zero_stage=3 if zero3 else 2)
-        accelerator = types.SimpleNamespace(
-            state=types.SimpleNamespace(deepspeed_plugin=plugin), unwrap_model=lambda m: m
-        )
-        return types.SimpleNamespace(
-            is_deepspeed_enabled=zero3, is_fsdp_enabled=fsdp, accelerator=accelerator, model=model
-        )
-
-    args = types.SimpleNamespace(kl_coef=0.5)
-    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with pytest.raises(NotImplementedError, match=r"under (DeepSpeed ZeRO-3|FSDP) \(full fine-tuning\)"):
-        _check_sharded_training(fake_trainer(full), args)
-    _check_sharded_training(fake_trainer(full), types.SimpleNamespace(kl_coef=0.0))  # plain GRPO is fine
-    # LoRA too: uneven routing would make uneven weight-gathering collectives (a deadlock).
-    with pytest.raises(NotImplementedError, match=r"\(LoRA\) is not supported yet: .*collectives .*ZeRO-1/2"):
-        _check_sharded_training(fake_trainer(get_peft_model(full, lora_config())), args)

@@ -171,10 +171,11 @@ class _Transform:
 
 
 def _lm_head_ctx(weight: torch.Tensor, bias: torch.Tensor | None):
-    # Under DeepSpeed ZeRO-3 the head is sharded; TRL's helper gathers it for a direct access (a no-op otherwise).
+    # Under DeepSpeed ZeRO-3 a head parameter is partitioned; TRL's helper gathers it for a direct access (a no-op
+    # otherwise). A head already gathered into a plain tensor (the teacher's, see the trainer) needs nothing.
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-    return maybe_gather_lm_head_ctx(weight, bias)
+    return maybe_gather_lm_head_ctx(*(p for p in (weight, bias) if p is not None and is_zero3_param(p)))
 
 
 def _anchor_other(kind: str, zs: torch.Tensor, zt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,8 +143,10 @@ def build_tiny_qwen3(
     num_layers: int = 2,
     vocab_size: int | None = None,
     seed: int = 0,
+    tie_word_embeddings: bool = True,
 ) -> Qwen3ForCausalLM:
-    """A randomly initialised `Qwen3ForCausalLM` sized for CPU tests, with Qwen's stop tokens and padding."""
+    """A randomly initialised `Qwen3ForCausalLM` sized for CPU tests, with Qwen's stop tokens and padding. Untied
+    embeddings (`tie_word_embeddings=False`) give the LM head its own parameter, as in Qwen3-8B."""
     config = Qwen3Config(
         vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
@@ -154,7 +156,7 @@ def build_tiny_qwen3(
         num_key_value_heads=2,
         head_dim=hidden_size // 4,
         max_position_embeddings=4096,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

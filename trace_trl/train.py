@@ -4,7 +4,7 @@
 trace-trl train qwen3-8b-trace-fkl                                  # a recipe shipped with the package, by name
 trace-trl train my_recipe.yaml --learning_rate 5e-7 --max_steps 100  # a file, with overrides
 trace-trl train --list                                              # the shipped recipes
-accelerate launch --config_file zero3.yaml -m trace_trl.train qwen3-8b-trace-fkl
+accelerate launch --config_file examples/accelerate/fsdp2.yaml -m trace_trl.train qwen3-8b-trace-fkl
 ```
 
 The arguments are TRL's: a [`TraceScriptArguments`] (dataset, rewards, annotator), a [`~trace_trl.TRACEConfig`]
@@ -27,9 +27,13 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trl import ScriptArguments
+
+
+if TYPE_CHECKING:
+    from .trainer import TRACETrainer
 
 from .annotator_factory import (  # noqa: F401 (ANNOTATORS, SPAN_FORMATS: re-exported)
     ANNOTATORS,
@@ -562,7 +566,7 @@ def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
     ##################################
     logger.info("*** Save model ***")
     trainer.model.generation_config.eos_token_id = tokenizer.eos_token_id
-    trainer.save_model(training_args.output_dir)
+    save_final_model(trainer, training_args.output_dir)
     logger.info(f"Model saved to {training_args.output_dir}")
 
     kwargs = {"dataset_name": script_args.dataset_name if not os.path.exists(script_args.dataset_name) else None}
@@ -622,6 +626,17 @@ def _parse(argv: list[str]):
         if "bf16/gpu" in message or ("bf16" in message and "use_cpu" in message):
             message += " On a machine without a GPU: add `--use_cpu true --bf16 false`, or `--tiny` for a smoke run."
         _short_error(message)
+
+
+def save_final_model(trainer: TRACETrainer, output_dir: str) -> None:
+    """Save the trained model as full weights that `from_pretrained` (and `trace-trl eval`) load.
+
+    Under FSDP with `SHARDED_STATE_DICT` (examples/accelerate/fsdp2.yaml: fast, resumable checkpoints),
+    `Trainer.save_model` writes no weights into the final folder; the final save switches to `FULL_STATE_DICT`.
+    """
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -364,9 +364,10 @@ class TRACETrainer(GRPOTrainer):
         head = causal_lm_of(unwrapped).get_output_embeddings()
         if is_dtensor(head.weight):
             raise RuntimeError(
-                "The LM head is still sharded inside the model's forward: it is its own FSDP unit. Keep `lm_head` in "
-                "the root unit (TRANSFORMER_BASED_WRAP wraps only the decoder layers, as in "
-                "examples/accelerate/fsdp2.yaml); TRL's fused log-prob head needs that too."
+                "The LM head is still sharded when the decoder's forward ends: its FSDP unit is gathered later, or "
+                "never. Put `lm_head` in a unit gathered during the forward, as Accelerate's FSDP2 preparation does "
+                "(it shards the final norm and the LM head as one unit; examples/accelerate/fsdp2.yaml), not in a unit "
+                "of its own. TRL's fused log-prob head reads it at the same point."
             )
         per_token = torch.zeros(shape, dtype=torch.float32, device=student_hidden.device)
         sums = []
