@@ -104,3 +104,25 @@ def global_batch(batches: list[dict], pad_id: int) -> dict:
         "teacher_input_ids": torch.cat([_pad_cat(teacher_prompts, pad_id, "left"), completion_ids], 1),
         "teacher_attention_mask": torch.cat([_pad_cat(teacher_prompt_masks, 0, "left"), completion_mask], 1),
     }
+
+
+def assert_matches_one_process(trainer, model, inputs: dict, dumps: list[dict], cases) -> None:
+    """For each `(loss_type, kl_normalization)` case: one process's loss and gradients on the global batch equal the
+    two processes' (the mean of their losses; their averaged gradients, identical on both). DDP, FSDP2 and ZeRO-3
+    average gradients over processes; the global normalizers make that the full-batch value."""
+    for case in cases:
+        loss_type, trainer.args.kl_normalization = case
+        trainer.loss_type = loss_type
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        ranks = [d["results"][case] for d in dumps]
+        mean_loss = (ranks[0]["loss"] + ranks[1]["loss"]) / 2
+        assert loss.item() == pytest.approx(mean_loss, abs=1e-6), case
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == ranks[0]["grads"].keys(), case
+        worst = max((ranks[0]["grads"][n] - g).abs().max().item() for n, g in grads.items())
+        print(f"{case}: |loss diff| {abs(loss.item() - mean_loss):.2e}, max |grad diff| {worst:.2e}")
+        for name, grad in grads.items():
+            assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), f"{case} {name}: ranks differ"
+            torch.testing.assert_close(ranks[0]["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"{case} {name}")

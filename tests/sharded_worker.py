@@ -14,32 +14,25 @@ Modes:
 - `gpu`: on CUDA (NCCL), bf16 mixed precision, gradient checkpointing: two steps with the KL channel (synced
   teacher), then dumps the logs, the losses and the peak CUDA memory (the GPU tests in `test_gpu.py`).
 
-The engine is `TRACE_TEST_ENGINE` (`fsdp2`, the default, or `zero3`).
+The engine is `TRACE_TEST_ENGINE` (`fsdp2`, the default, or `zero3`); `TRACE_TEST_OVERRIDES` (JSON) adds config
+fields to both sides.
 
 Usage: python sharded_worker.py MODEL_DIR OUT_DIR MODE(parity|train|resume|gpu) PEFT(0|1) [TEACHER_KIND]
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 
-for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TRL_EXPERIMENTAL_SILENCE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}.items():
-    os.environ.setdefault(key, value)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# First: the DDP worker sets the offline, single-thread environment before torch is imported.
+from multiprocess_worker import BATCH_KEYS, CASES, RankZeroAnnotator  # noqa: E402, I001
 
 import torch  # noqa: E402
-from multiprocess_worker import BATCH_KEYS, CASES, RankZeroAnnotator  # noqa: E402
 from trainer_helpers import HalfSpanAnnotator, make_trainer, math_dataset, trace_config  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -102,6 +95,7 @@ def build(model_dir: str, out_dir: str, peft: bool, annotator=None, **overrides)
         teacher_kind="synced",
         teacher_sync_steps=10,
     )
+    settings.update(json.loads(os.environ.get("TRACE_TEST_OVERRIDES", "{}")))  # e.g. gradient checkpointing
     if distributed and ENGINE == "fsdp2":
         settings.update(fsdp="full_shard", fsdp_config=FSDP_CONFIG)
     elif distributed:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from multiprocess_helpers import HERE, global_batch, launch_two_processes
+from multiprocess_helpers import HERE, assert_matches_one_process, global_batch, launch_two_processes
 
 
 def _launch(model_dir: str, out_dir: str, peft: bool) -> None:
@@ -42,20 +42,4 @@ def test_two_processes_one_without_routed_tokens_match_one_process(tiny_model_di
     trainer.state.global_step = 2
     inputs = global_batch(batches, trainer.processing_class.pad_token_id)
     assert trainer.accelerator.num_processes == 1
-    for case in worker.CASES:
-        loss_type, trainer.args.kl_normalization = case
-        trainer.loss_type = loss_type
-        model.zero_grad(set_to_none=True)
-        loss = trainer.compute_loss(model, inputs)
-        loss.backward()
-        ddp = [d["results"][case] for d in dumps]
-        # DDP averages the two processes' losses and gradients; the global normalizers make that the full-batch value.
-        mean_loss = (ddp[0]["loss"] + ddp[1]["loss"]) / 2
-        assert loss.item() == pytest.approx(mean_loss, abs=1e-6), loss_type
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        assert grads.keys() == ddp[0]["grads"].keys()
-        worst = max((ddp[0]["grads"][n] - g).abs().max().item() for n, g in grads.items())
-        print(f"{case}: |loss diff| {abs(loss.item() - mean_loss):.2e}, max |grad diff| {worst:.2e}")
-        for name, grad in grads.items():
-            assert torch.equal(ddp[0]["grads"][name], ddp[1]["grads"][name])
-            torch.testing.assert_close(ddp[0]["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"{case} {name}")
+    assert_matches_one_process(trainer, model, inputs, dumps, worker.CASES)

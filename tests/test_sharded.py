@@ -8,6 +8,7 @@ resumed ends where the uninterrupted run ends. See `sharded_worker.py` for how F
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -15,7 +16,7 @@ import types
 
 import pytest
 import torch
-from multiprocess_helpers import HERE, global_batch, launch_two_processes
+from multiprocess_helpers import HERE, assert_matches_one_process, global_batch, launch_two_processes
 
 from trace_trl.sharding import load_full_state_dict
 
@@ -88,10 +89,11 @@ def test_sharded_engine_matches_one_process_with_uneven_routing(
     _check_against_one_process(dumps, model_dir, tmp_path, peft)
 
 
-def _run_parity(model_dir, tmp_path, engine: str, peft: bool, teacher_kind: str = "synced") -> list[dict]:
+def _run_parity(model_dir, tmp_path, engine: str, peft: bool, teacher_kind: str = "synced", **overrides) -> list[dict]:
     out_dir = str(tmp_path / engine)
     args = [model_dir, out_dir, "parity", "1" if peft else "0", teacher_kind]
-    launch_two_processes("sharded_worker.py", args, out_dir, env={"TRACE_TEST_ENGINE": engine}, timeout=600)
+    env = {"TRACE_TEST_ENGINE": engine, "TRACE_TEST_OVERRIDES": json.dumps(overrides)}
+    launch_two_processes("sharded_worker.py", args, out_dir, env=env, timeout=600)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(2)]
 
 
@@ -122,24 +124,7 @@ def _check_against_one_process(dumps, model_dir, tmp_path, peft: bool, teacher_k
     inputs = global_batch(batches, trainer.processing_class.pad_token_id)
     from multiprocess_worker import CASES
 
-    for case in CASES:
-        loss_type, trainer.args.kl_normalization = case
-        trainer.loss_type = loss_type
-        model.zero_grad(set_to_none=True)
-        loss = trainer.compute_loss(model, inputs)
-        loss.backward()
-        sharded = [d["results"][case] for d in dumps]
-        # FSDP2 averages the two processes' gradients (reduce-scatter); the global normalizers make that the
-        # full-batch value. Each process's loss is its own; their mean is the full-batch loss.
-        mean_loss = (sharded[0]["loss"] + sharded[1]["loss"]) / 2
-        assert loss.item() == pytest.approx(mean_loss, abs=1e-6), case
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        assert grads.keys() == sharded[0]["grads"].keys(), case
-        worst = max((sharded[0]["grads"][n] - g).abs().max().item() for n, g in grads.items())
-        print(f"{case}: |loss diff| {abs(loss.item() - mean_loss):.2e}, max |grad diff| {worst:.2e}")
-        for name, grad in grads.items():
-            assert torch.equal(sharded[0]["grads"][name], sharded[1]["grads"][name])
-            torch.testing.assert_close(sharded[0]["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=f"{case} {name}")
+    assert_matches_one_process(trainer, model, inputs, dumps, CASES)
 
 
 @pytest.mark.slow
@@ -220,3 +205,11 @@ def test_fsdp2_other_teacher_kinds_match_one_process(untied_tiny_model_dir, tmp_
                 lag = (policy[name] - teacher[name]).abs().sum()
                 assert 0 < moved < lag, f"EMA teacher {name} did not follow the policy with rate 0.05"
     _check_against_one_process(dumps, untied_tiny_model_dir, tmp_path, False, teacher_kind)
+
+
+@pytest.mark.slow
+def test_fsdp2_with_gradient_checkpointing_matches_one_process(untied_tiny_model_dir, tmp_path, monkeypatch):
+    """The recipes' setting: the decoder layers are recomputed in the backward; the KL hook runs once, in the forward."""
+    dumps = _run_parity(untied_tiny_model_dir, tmp_path, "fsdp2", False, gradient_checkpointing=True)
+    monkeypatch.setenv("TRACE_TEST_OVERRIDES", json.dumps({"gradient_checkpointing": True}))
+    _check_against_one_process(dumps, untied_tiny_model_dir, tmp_path, False)
