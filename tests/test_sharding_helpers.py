@@ -53,6 +53,8 @@ def test_teacher_states_load_across_formats(tiny_model_dir):
         load_full_state_dict(target, state)
         for (name, t), s in zip(target.named_parameters(), source.parameters(), strict=True):
             assert torch.equal(t, s), name
+    # A process that does not write the checkpoint joins the gathers but keeps nothing.
+    assert gathered_state_dict(source, keep=False) == {}
     with pytest.raises(KeyError, match="lacks parameters"):
         load_full_state_dict(target, {"model.norm.weight": torch.ones(64)})
 

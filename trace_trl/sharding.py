@@ -195,13 +195,20 @@ def copy_shards(target: nn.Module, source: nn.Module) -> None:
             buffer.copy_(buffers[name])
 
 
-def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full weights of a sharded model on the CPU (every process joins; every process gets them)."""
+def gathered_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The full weights of a (possibly sharded) model on the CPU, gathered one parameter at a time.
+
+    Every process must call it (each gather is a collective); a process with `keep=False` joins the gathers and drops
+    each full tensor at once, so only the processes that write a checkpoint ever hold the whole model.
+    """
     state = {}
     for name, param in unwrap_engine(model).named_parameters():
-        state[name] = full_tensor(param).cpu()
-    for name, buffer in unwrap_engine(model).named_buffers():
-        state[name] = buffer.detach().cpu()
+        full = full_tensor(param)
+        if keep:
+            state[name] = full.cpu()
+    if keep:
+        for name, buffer in unwrap_engine(model).named_buffers():
+            state[name] = buffer.detach().cpu()
     return state
 
 

@@ -328,9 +328,11 @@ class Teacher:
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------------------
-    def state_dict(self, policy: nn.Module) -> dict[str, torch.Tensor]:
+    def state_dict(self, policy: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
         """The teacher's own weights, when a checkpoint needs them: `ema` always, `synced` when it differs from the
-        policy (the last sync was before the current step). `live`, `base` and released teachers need nothing."""
+        policy (the last sync was before the current step), a sharded `base` snapshot always. `live`, other `base` and
+        released teachers need nothing. A sharded copy is gathered parameter by parameter (every process joins); only
+        processes with `keep` hold the gathered weights (an 8B teacher is ~33 GB in fp32: not on every process)."""
         if self.released or not (self.kind in ("ema", "synced") or self._snapshot_base):
             return {}
         if self.kind == "synced" and self._synced_at == self._step:
@@ -339,7 +341,7 @@ class Teacher:
             return {n: full_tensor(p).cpu() for n, p in policy.named_parameters() if f".{self._adapter}." in n}
         if self._copy is not None:
             if self.sharded:
-                return gathered_state_dict(self._copy)
+                return gathered_state_dict(self._copy, keep=keep)
             return {k: v.detach().cpu() for k, v in self._copy.state_dict().items()}
         return {k: v.detach().cpu() for k, v in (self._pending or {}).items()}
 
@@ -355,7 +357,7 @@ class Teacher:
     def save(self, policy: nn.Module, directory: str, write: bool = True) -> None:
         """Write the teacher's state into a checkpoint folder. Every process calls it (a sharded teacher's state is
         gathered, a collective); only those with `write` write the file."""
-        state = self.state_dict(policy)
+        state = self.state_dict(policy, keep=write)
         if state and write:
             torch.save(state, os.path.join(directory, TEACHER_STATE_FILE))
 
@@ -363,7 +365,8 @@ class Teacher:
         path = os.path.join(directory, TEACHER_STATE_FILE)
         if not (self.kind in ("ema", "synced") or self._snapshot_base) or self.released or not os.path.exists(path):
             return False
-        self.load_state_dict(policy, torch.load(path, map_location="cpu", weights_only=True))
+        # Memory-mapped: every process reads the full state (each keeps its shard), sharing the file's pages.
+        self.load_state_dict(policy, torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         return True
 
     # ------------------------------------------------------------------------------------------------------------
