@@ -81,12 +81,15 @@ def full_tensor(param: torch.Tensor | None, dtype: torch.dtype | None = None) ->
     if param is None:
         return None
     if is_dtensor(param):
-        full = param.detach().full_tensor()
+        # Cast the local shard first: the all-gather then moves (and the result holds) the target dtype only, e.g. a
+        # bf16 head instead of the fp32 master weights FSDP2 keeps under mixed precision.
+        shard = param.detach()
+        full = (shard if dtype is None else shard.to(dtype)).full_tensor()
     elif is_zero3_param(param):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([param]):
-            full = param.detach().clone()
+            full = param.detach().to(dtype or param.dtype, copy=True)  # outlives the gather
     else:
         full = param.detach()
     return full if dtype is None or full.dtype == dtype else full.to(dtype)

@@ -352,14 +352,16 @@ class TRACETrainer(GRPOTrainer):
         """`[B, T]` per-token divergences (zero off the routed tokens) and their sums, from the student's hidden states
         at the routed positions.
 
-        Runs inside the student's forward: under FSDP2 the head is the gathered parameter of the root unit; under
-        ZeRO-3 the kernel gathers the partitioned head (once in its forward, once in its backward). Both kinds go
-        through the kernel on every process, whatever it routes, so every process makes the same collectives.
+        Runs inside the student's forward. Under FSDP2 the head is the gathered parameter of its unit (Accelerate
+        shards the final norm and the LM head as one unit, gathered when the norm runs). Under ZeRO-3 DeepSpeed has
+        fetched the head for this forward (TRL's fused head reads it in the same forward), and where it has not, the
+        kernel gathers it (once in its forward, once in its backward). Both kinds go through the kernel on every
+        process, whatever it routes, so every process makes the same collectives.
 
-        Under FSDP2 with `reshard_after_forward` the root unit is freed after the forward and gathered again by the
-        pre-backward hook on the forward's outputs (GRPO's log-probs). The kernel's backward runs after that hook:
-        every node of GRPO's loss is created after this function runs, and the autograd engine runs the most recently
-        created ready node first, so it reaches the log-probs before any node of the KL channel.
+        If the head's unit is freed after the forward (FSDP2 `reshard_after_forward` on it), the pre-backward hook on
+        the forward's outputs (GRPO's log-probs) gathers it again before the kernel's backward runs: every node of
+        GRPO's loss is created after this function runs, and the autograd engine runs the most recently created ready
+        node first, so it reaches the log-probs before any node of the KL channel.
         """
         head = causal_lm_of(unwrapped).get_output_embeddings()
         if is_dtensor(head.weight):
