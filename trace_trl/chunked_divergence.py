@@ -252,21 +252,14 @@ class ClippedDivergenceFunction(torch.autograd.Function):
         grad_w = torch.zeros(s_w.shape, device=s_w.device, dtype=tf.dtype) if need_w else None
         grad_b = torch.zeros(s_b.shape, device=s_b.device, dtype=tf.dtype) if need_b else None
         if need_h or need_w or need_b:
-            n_rows, vocab = s_h.shape[0], s_w.shape[0]
+            n_rows = s_h.shape[0]
             grad_value = grad_value.to(tf.dtype)
             with torch.autocast(s_h.device.type, enabled=False), _lm_head_ctx(s_w, s_b), _lm_head_ctx(t_w, t_b):
                 for r0 in range(0, n_rows, chunk_size):
                     rows = slice(r0, min(r0 + chunk_size, n_rows))
-                    n = rows.stop - r0
                     h_s, h_t = s_h[rows], t_h[rows]
                     h_s_mm = h_s.to(tf.dtype)
-                    s_buf = torch.empty((n, min(vocab_tile, vocab)), device=s_h.device, dtype=tf.dtype)
-                    t_buf = torch.empty_like(s_buf)
-                    for v0 in range(0, vocab, vocab_tile):
-                        cols = slice(v0, min(v0 + vocab_tile, vocab))
-                        width = cols.stop - v0
-                        zs = tf.project(s_buf[:, :width], h_s, s_w[cols], None if s_b is None else s_b[cols])
-                        zt = tf.project(t_buf[:, :width], h_t, t_w[cols], None if t_b is None else t_b[cols])
+                    for cols, zs, zt in _logit_tiles(h_s, h_t, (s_w, s_b), (t_w, t_b), tf, vocab_tile):
                         g = _logit_grad_tile(
                             kind, term_clip, tf, zs, zt, log_z_s[rows], log_z_t[rows], aux[rows], grad_value[rows]
                         )
@@ -296,16 +289,10 @@ def _forward_chunk(s_h, t_h, s_head, t_head, kind, term_clip, tf, vocab, vocab_t
     cand_rows, cand_za, cand_zb = [], [], []
     n_candidates, collecting = 0, clip
     budget = max(256, int(_CANDIDATE_BUDGET_PER_VOCAB_TILE_COLUMN * vocab_tile)) * n
-    s_buf = torch.empty((n, min(vocab_tile, vocab)), device=device, dtype=dtype)
-    t_buf = torch.empty_like(s_buf)
-    e_buf = torch.empty_like(s_buf)
-    for v0 in range(0, vocab, vocab_tile):
-        cols = slice(v0, min(v0 + vocab_tile, vocab))
-        width = cols.stop - v0
-        zs = tf.project(s_buf[:, :width], s_h, s_head[0][cols], None if s_head[1] is None else s_head[1][cols])
-        zt = tf.project(t_buf[:, :width], t_h, t_head[0][cols], None if t_head[1] is None else t_head[1][cols])
+    e_buf = torch.empty((n, min(vocab_tile, vocab)), device=device, dtype=dtype)
+    for _, zs, zt in _logit_tiles(s_h, t_h, s_head, t_head, tf, vocab_tile):
         za, zb = _anchor_other(kind, zs, zt)
-        e = e_buf[:, :width]
+        e = e_buf[:, : zs.shape[1]]
         # The other distribution's online logsumexp (and its minimum logit, for the candidate bound).
         if clip:
             tile_min, tile_max = torch.aminmax(zb, dim=-1)
@@ -358,10 +345,25 @@ def _forward_chunk(s_h, t_h, s_head, t_head, kind, term_clip, tf, vocab, vocab_t
         aux_out.index_add_(0, r, -removed)
     if not bool(exact.all()):
         redo = (~exact).nonzero().squeeze(-1)
-        value, aux = _exact_pass(s_h[redo], t_h[redo], s_head, t_head, kind, term_clip, tf, vocab, vocab_tile,
+        value, aux = _exact_pass(s_h[redo], t_h[redo], s_head, t_head, kind, term_clip, tf, vocab_tile,
                                  log_z_s[redo], log_z_t[redo])  # fmt: skip
         value_out[redo] = value
         aux_out[redo] = aux
+
+
+def _logit_tiles(s_h, t_h, s_head, t_head, tf, vocab_tile):
+    """Both heads' transformed logits, one `[n, width]` vocabulary tile at a time, as `(cols, zs, zt)`; every pass
+    walks the vocabulary this way. The two tiles live in buffers reused from one tile to the next (no allocation per
+    tile): a consumer is done with a tile when it asks for the next."""
+    vocab = s_head[0].shape[0]
+    s_buf = torch.empty((s_h.shape[0], min(vocab_tile, vocab)), device=s_h.device, dtype=tf.dtype)
+    t_buf = torch.empty_like(s_buf)
+    for v0 in range(0, vocab, vocab_tile):
+        cols = slice(v0, min(v0 + vocab_tile, vocab))
+        width = cols.stop - v0
+        zs = tf.project(s_buf[:, :width], s_h, s_head[0][cols], None if s_head[1] is None else s_head[1][cols])
+        zt = tf.project(t_buf[:, :width], t_h, t_head[0][cols], None if t_head[1] is None else t_head[1][cols])
+        yield cols, zs, zt
 
 
 def _terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
@@ -369,19 +371,13 @@ def _terms(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return log_a.exp() * (log_a - log_b)
 
 
-def _exact_pass(s_h, t_h, s_head, t_head, kind, term_clip, tf, vocab, vocab_tile, log_z_s, log_z_t):
+def _exact_pass(s_h, t_h, s_head, t_head, kind, term_clip, tf, vocab_tile, log_z_s, log_z_t):
     """The clipped sum and `A`/`B` by a second pass over the vocabulary, for the rows the one-pass bound missed."""
     n, device = s_h.shape[0], s_h.device
     value = torch.zeros(n, device=device, dtype=tf.dtype)
     aux = torch.zeros_like(value)
-    s_buf = torch.empty((n, min(vocab_tile, vocab)), device=device, dtype=tf.dtype)
-    t_buf = torch.empty_like(s_buf)
     log_z_a, log_z_b = _anchor_other(kind, log_z_s, log_z_t)
-    for v0 in range(0, vocab, vocab_tile):
-        cols = slice(v0, min(v0 + vocab_tile, vocab))
-        width = cols.stop - v0
-        zs = tf.project(s_buf[:, :width], s_h, s_head[0][cols], None if s_head[1] is None else s_head[1][cols])
-        zt = tf.project(t_buf[:, :width], t_h, t_head[0][cols], None if t_head[1] is None else t_head[1][cols])
+    for _, zs, zt in _logit_tiles(s_h, t_h, s_head, t_head, tf, vocab_tile):
         log_a, log_b = _anchor_other(kind, zs, zt)
         log_a.sub_(log_z_a.unsqueeze(-1))
         log_b.sub_(log_z_b.unsqueeze(-1))
