@@ -79,6 +79,20 @@ def build(model_dir: str, out_dir: str, peft: bool, **overrides) -> TRACETrainer
     return make_trainer(model_dir, tokenizer, args, RankZeroAnnotator(), peft=peft)
 
 
+def case_results(trainer: TRACETrainer, model, batch: dict, gradients) -> dict:
+    """For each case of `CASES`: the loss of `batch` and, after the engine's backward (DDP's all-reduce, FSDP2's
+    reduce-scatter, ZeRO-3's partitioned reduction: gradients averaged over the processes), `gradients()`."""
+    results = {}
+    for loss_type, kl_normalization in CASES:
+        trainer.loss_type = loss_type
+        trainer.args.kl_normalization = kl_normalization
+        model.zero_grad()  # a DeepSpeed engine's takes no arguments
+        loss = trainer.compute_loss(model, batch)
+        trainer.accelerator.backward(loss)
+        results[(loss_type, kl_normalization)] = {"loss": loss.detach().item(), "grads": gradients()}
+    return results
+
+
 def main(model_dir: str, out_dir: str, peft: bool) -> None:
     trainer = build(model_dir, out_dir, peft)
     rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
@@ -93,15 +107,12 @@ def main(model_dir: str, out_dir: str, peft: bool) -> None:
     trainer.current_gradient_accumulation_steps = 1
     rows = [math_dataset()[rank] for _ in range(4)]  # one prompt group per process
     batch = trainer._generate_and_score_completions(rows)
-    results = {}
-    for loss_type, kl_normalization in CASES:
-        trainer.loss_type = loss_type
-        trainer.args.kl_normalization = kl_normalization
-        model.zero_grad(set_to_none=True)
-        loss = trainer.compute_loss(model, batch)
-        trainer.accelerator.backward(loss)  # DDP all-reduce: gradients are averaged over the two processes
-        grads = {n: p.grad.detach().clone() for n, p in unwrapped.named_parameters() if p.grad is not None}
-        results[(loss_type, kl_normalization)] = {"loss": loss.detach().item(), "grads": grads}
+    results = case_results(
+        trainer,
+        model,
+        batch,
+        lambda: {n: p.grad.detach().clone() for n, p in unwrapped.named_parameters() if p.grad is not None},
+    )
     torch.save(
         {
             "rank": rank,

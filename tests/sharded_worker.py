@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # First: the DDP worker sets the offline, single-thread environment before torch is imported.
-from multiprocess_worker import BATCH_KEYS, CASES, RankZeroAnnotator  # noqa: E402, I001
+from multiprocess_worker import BATCH_KEYS, RankZeroAnnotator, case_results  # noqa: E402, I001
 
 import torch  # noqa: E402
 from trainer_helpers import HalfSpanAnnotator, make_trainer, math_dataset, trace_config  # noqa: E402
@@ -121,15 +121,6 @@ def gradients(trainer: TRACETrainer) -> dict[str, torch.Tensor]:
     return {n: full_tensor(p.grad).clone() for n, p in unwrapped.named_parameters() if p.grad is not None}
 
 
-def full_weights(model) -> dict[str, torch.Tensor]:
-    return gathered_state_dict(model)
-
-
-def teacher_weights(trainer: TRACETrainer) -> dict[str, torch.Tensor]:
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    return {k: v for k, v in trainer.teacher.state_dict(unwrapped).items()}
-
-
 def parity(trainer: TRACETrainer, out_dir: str) -> None:
     rank = trainer.accelerator.process_index
     trainer.train()  # must not hang although rank 1 never routes a token
@@ -149,21 +140,12 @@ def parity(trainer: TRACETrainer, out_dir: str) -> None:
     trainer.current_gradient_accumulation_steps = 1
     rows = [math_dataset()[rank] for _ in range(4)]  # one prompt group per process
     batch = trainer._generate_and_score_completions(rows)
-    results = {}
-    for loss_type, kl_normalization in CASES:
-        trainer.loss_type = loss_type
-        trainer.args.kl_normalization = kl_normalization
-        model.zero_grad() if ENGINE == "zero3" else model.zero_grad(set_to_none=True)
-        loss = trainer.compute_loss(model, batch)
-        trainer.accelerator.backward(loss)  # FSDP2 reduce-scatter: gradients averaged over the two processes
-        grads = gradients(trainer)
-        results[(loss_type, kl_normalization)] = {"loss": loss.detach().item(), "grads": grads}
     dump = {
         "rank": rank,
         "batch": {k: batch[k].detach().cpu() for k in BATCH_KEYS},
-        "results": results,
-        "weights": full_weights(model),
-        "teacher": teacher_weights(trainer),
+        "results": case_results(trainer, model, batch, lambda: gradients(trainer)),
+        "weights": gathered_state_dict(model),
+        "teacher": trainer.teacher.state_dict(unwrapped),
         "logs": logs,
         "teacher_bytes": trainer.teacher.memory_bytes(),
     }
@@ -177,7 +159,7 @@ def train(trainer: TRACETrainer, out_dir: str, resume: str | None) -> None:
     save_final_model(trainer, final_dir)  # what `trace-trl train` saves: full weights, whatever the engine
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     state = trainer.teacher.state_dict(unwrapped) if not trainer.teacher.released else {}
-    dump = {"weights": full_weights(trainer.model_wrapped), "teacher": state, "step": trainer.state.global_step}
+    dump = {"weights": gathered_state_dict(trainer.model_wrapped), "teacher": state, "step": trainer.state.global_step}
     if trainer.accelerator.is_main_process:
         torch.save(dump, os.path.join(out_dir, "final.pt"))
     trainer.accelerator.wait_for_everyone()

@@ -54,13 +54,10 @@ def _deepspeed_runs_here() -> str | None:
     return None
 
 
+_NO_DEEPSPEED = _deepspeed_runs_here()
 ENGINES = [
     pytest.param("fsdp2", id="fsdp2"),
-    pytest.param(
-        "zero3",
-        id="zero3",
-        marks=pytest.mark.skipif(_deepspeed_runs_here() is not None, reason=str(_deepspeed_runs_here())),
-    ),
+    pytest.param("zero3", id="zero3", marks=pytest.mark.skipif(_NO_DEEPSPEED is not None, reason=str(_NO_DEEPSPEED))),
 ]
 
 
