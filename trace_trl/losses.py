@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .chunked_divergence import chunked_divergence
-from .sharding import is_zero3_param
 
 
 DIVERGENCE_KINDS: tuple[str, ...] = ("fkl", "rkl")
@@ -146,9 +145,9 @@ def routed_divergence(
     if term_clip is not None and not term_clip > 0:
         raise ValueError(f"term_clip must be > 0 or None (no clip), got {term_clip}.")
     n = student_hidden.size(0)
-    if n == 0 and (topk is not None or not is_zero3_param(student_head[0])):
-        # Keep the graph connected so an empty micro-batch still back-propagates a zero. (A ZeRO-3 head goes through
-        # `chunked_divergence`, whose gathers every process must join.)
+    if n == 0 and topk is not None:
+        # Keep the graph connected so an empty micro-batch still back-propagates a zero. (The full-vocabulary path
+        # leaves that to `chunked_divergence`, which still joins a ZeRO-3 head's gathers with zero rows.)
         return student_hidden.sum(-1).float() * 0.0
     teacher_hidden = teacher_hidden.detach()
     if topk is None:

@@ -111,7 +111,7 @@ def forward_through(wrapper: nn.Module, module: nn.Module, method: Callable[...,
 def reshard(module: nn.Module) -> None:
     """Free an FSDP2 module's gathered root weights after a no-grad forward (FSDP2 keeps the root gathered after its
     forward when it expects a backward); a no-op elsewhere."""
-    if hasattr(module, "reshard") and callable(module.reshard) and _is_fsdp_module(module):
+    if _is_fsdp_module(module):
         module.reshard()
 
 
