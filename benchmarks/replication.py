@@ -72,6 +72,7 @@ ARMS: tuple[str, ...] = (
     "grpo",
     "self_opd_all",
     "trace_fkl",
+    "trace_fkl_element",
     "trace_rkl",
     "random_25",
     "inverted_25",
@@ -86,6 +87,7 @@ ARM_TITLES: dict[str, str] = {
     "grpo": "GRPO",
     "self_opd_all": "all-token self-OPD",
     "trace_fkl": "TRACE-FKL",
+    "trace_fkl_element": "TRACE-FKL, element clip",
     "trace_rkl": "TRACE-RKL",
     "random_25": "random 25%",
     "inverted_25": "inverted 25%",
@@ -156,6 +158,7 @@ class Settings:
     kl_coef: float = 0.5
     kl_warmup_steps: int = 10
     kl_decay_steps: int = 30
+    kl_term_clip: float = 0.05
     self_annotation_max_new_tokens: int = 32
     self_annotation_probe_size: int = 16  # rollouts the policy is asked to annotate, per seed
     # evaluation
@@ -381,20 +384,33 @@ class LiftProbe:
     since the probe was built (nats).
     """
 
-    def __init__(self, model, tokenizer, problems: Sequence[Problem], settings: Settings, seed: int) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        problems: Sequence[Problem],
+        settings: Settings,
+        seed: int,
+        completions: Sequence[str] | None = None,
+    ) -> None:
+        """Held-out rollouts sampled here, or given `completions` (one per problem: the training batch's own rollouts,
+        as the paper measures; a rollout whose text does not re-tokenize to the same length-consistent ids is left out).
+        """
         from trace_trl.annotators.segments import split_segments
         from trace_trl.rewards import boxed_match_reward
         from trace_trl.spans import Span, token_labels
 
-        with torch.random.fork_rng():
-            torch.manual_seed(10_000 + seed)
-            completions = generate(
-                model, tokenizer, [p.question for p in problems], samples=1, settings=settings, greedy=False
-            )
+        if completions is None:
+            with torch.random.fork_rng():
+                torch.manual_seed(10_000 + seed)
+                sampled = generate(
+                    model, tokenizer, [p.question for p in problems], samples=1, settings=settings, greedy=False
+                )
+            completions = [completion for (completion,) in sampled]
         self.rows: list[tuple[list[int], list[int], list[int]]] = []  # (student ids, teacher ids, completion ids)
         self.tokenizer = tokenizer
         selected: list[list[int]] = []
-        for problem, (completion,) in zip(problems, completions, strict=True):
+        for problem, completion in zip(problems, completions, strict=True):
             if boxed_match_reward([completion], answer=[problem.answer])[0] != 1.0:
                 continue
             segments = split_segments(completion)
@@ -472,11 +488,15 @@ def make_arm(arm: str, seed: int, base_url: str, settings: Settings) -> tuple[di
         return {"kl_coef": 0.0}, None
     if arm == "self_opd_all":
         # Dense self-distillation as in the shipped `qwen3-8b-all-token-opd` recipe: forward KL on every token of
-        # every correct rollout (incorrect ones train as GRPO), never decayed, no coverage cap.
+        # every correct rollout (incorrect ones train as GRPO), never decayed, no coverage cap, and GRPO on every
+        # token beside the KL ("additive": the SDPO/SRPO family).
         overrides = {"kl_decay": "none", "max_routed_fraction": None, "key_span_action": "fkl"}
-        return {**overrides, "error_span_action": "grpo"}, AllTokensAnnotator()
+        return {**overrides, "error_span_action": "grpo", "routed_token_grpo": "additive"}, AllTokensAnnotator()
     if arm == "trace_fkl":
         return {"key_span_action": "fkl", "error_span_action": "grpo"}, api()
+    if arm == "trace_fkl_element":
+        # The paper's literal per-entry clip (OPSD's), which can push forward KL away from the teacher.
+        return {"key_span_action": "fkl", "error_span_action": "grpo", "kl_clip_mode": "element"}, api()
     if arm == "trace_rkl":
         return {"key_span_action": "grpo", "error_span_action": "rkl"}, api()
     if arm == "random_25":
@@ -486,7 +506,9 @@ def make_arm(arm: str, seed: int, base_url: str, settings: Settings) -> tuple[di
     if arm == "inverted_25":
         return {"key_span_action": "fkl", "error_span_action": "grpo"}, InvertedSpanAnnotator(api(), 0.25, seed=seed)
     if arm == "trace_fkl_no_decay":
-        return {"key_span_action": "fkl", "error_span_action": "grpo", "kl_decay": "none"}, api()
+        # TRACE's warm-up rule kept forever: routed tokens get only the KL (what "complementary" gives at w = c).
+        overrides = {"kl_decay": "none", "routed_token_grpo": "exclusive"}
+        return {"key_span_action": "fkl", "error_span_action": "grpo", **overrides}, api()
     if arm == "self_annotation":
         annotator = SelfAnnotator(
             max_new_tokens=settings.self_annotation_max_new_tokens, batch_size=64, span_format="segments"
@@ -495,7 +517,17 @@ def make_arm(arm: str, seed: int, base_url: str, settings: Settings) -> tuple[di
     raise ValueError(f"Unknown arm {arm!r}; expected one of {ARMS + OPTIONAL_ARMS}.")
 
 
-def _callbacks(arm: str, seed: int, settings: Settings, probe: LiftProbe, lifts: dict[int, float]):
+def _callbacks(
+    arm: str,
+    seed: int,
+    settings: Settings,
+    probe: LiftProbe,
+    lifts: dict[int, float],
+    batch_probe: dict[str, LiftProbe],
+    batch_lifts: dict[int, float],
+    trainer,
+    divergences: dict[str, list[float]],
+):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -510,6 +542,11 @@ def _callbacks(arm: str, seed: int, settings: Settings, probe: LiftProbe, lifts:
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step in settings.lift_steps:
                 lifts[state.global_step] = probe.lift(model)
+                if "probe" in batch_probe:
+                    batch_lifts[state.global_step] = batch_probe["probe"].lift(model)
+            for kind, values in trainer.last_routed_divergences.items():
+                divergences.setdefault(kind, []).extend(values.tolist())
+            trainer.last_routed_divergences = {}
             self.bar.update(1)
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -532,6 +569,7 @@ def run_arm(
         "kl_coef": settings.kl_coef,
         "kl_warmup_steps": settings.kl_warmup_steps,
         "kl_decay_steps": settings.kl_decay_steps,
+        "kl_term_clip": settings.kl_term_clip,
         "teacher_context_template": TEACHER_TEMPLATE,
     }
     config = TRACEConfig(
@@ -574,7 +612,27 @@ def run_arm(
         else {}
     )
     lifts: dict[int, float] = {}
-    for callback in _callbacks(arm, seed, settings, probe, lifts):
+    # The paper's lift: on the first training batch's own rollouts, captured before the first update.
+    batch_probe: dict[str, LiftProbe] = {}
+    batch_lifts: dict[int, float] = {}
+    generate_and_score = trainer._generate_and_score_completions
+
+    def capture_first_batch(inputs):
+        output = generate_and_score(inputs)
+        if "probe" not in batch_probe:
+            problems = [Problem(row["prompt"][-1]["content"], row["answer"], row["solution"]) for row in inputs]
+            completions = [
+                tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                for ids, mask in zip(output["completion_ids"], output["completion_mask"], strict=True)
+            ]
+            batch_probe["probe"] = LiftProbe(trainer.model, tokenizer, problems, settings, seed, completions)
+        return output
+
+    trainer._generate_and_score_completions = capture_first_batch
+    divergences: dict[str, list[float]] = {}
+    for callback in _callbacks(
+        arm, seed, settings, probe, lifts, batch_probe, batch_lifts, trainer, divergences
+    ):
         trainer.add_callback(callback)
     torch.manual_seed(seed)
     started = time.perf_counter()
@@ -587,7 +645,10 @@ def run_arm(
         "seed": seed,
         **evaluate(trainer.model, tokenizer, data, settings, seed),
         **{f"lift_step{step}": lifts.get(step, math.nan) for step in settings.lift_steps},
+        **{f"batch_lift_step{step}": batch_lifts.get(step, math.nan) for step in settings.lift_steps},
         "lift_tokens": probe.count,
+        "batch_lift_tokens": batch_probe["probe"].count if "probe" in batch_probe else 0,
+        **divergence_summary(divergences, settings.kl_term_clip),
         "exposure": float(trainer.privileged_exposure),
         "wall_s": wall,
         "annotation_failures": float(annotation_failures),
@@ -603,6 +664,26 @@ def run_arm(
     return result
 
 
+def divergence_summary(divergences: dict[str, list[float]], clip: float) -> dict[str, float]:
+    """Distribution of the unclipped per-token divergences on routed tokens over the run (every kind pooled), and the
+    fraction of them that a token clip at `clip` bounds."""
+    values = sorted(v for kind_values in divergences.values() for v in kind_values)
+    if not values:
+        return {"div_n": 0.0}
+
+    def quantile(q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return {
+        "div_n": float(len(values)),
+        "div_mean": sum(values) / len(values),
+        "div_p10": quantile(0.10),
+        "div_p50": quantile(0.50),
+        "div_p90": quantile(0.90),
+        "div_bounded_frac": sum(v > clip for v in values) / len(values),
+    }
+
+
 # --- aggregation and report ---------------------------------------------------------------------------------------------
 
 
@@ -616,11 +697,23 @@ MEASURES: tuple[tuple[str, str, str], ...] = (
     ("entropy_end", "entropy, last 10 steps", "f3"),
     ("length_kl_phase", "length, steps 1-40 (tokens)", "f1"),
     ("length_end", "length, last 10 steps (tokens)", "f1"),
-    ("lift_step1", "lift after 1 step (nats)", "f3"),
-    ("lift_step10", "lift after 10 steps (nats)", "f3"),
     ("exposure", "cumulative exposure", "f0"),
     ("wall_ratio", "wall time / GRPO", "f2"),
+    # the mechanism: lifts on teacher-supported key tokens, and what the clip sees on routed tokens
+    ("lift_step1", "held-out lift, 1 step", "f3"),
+    ("lift_step10", "held-out lift, 10 steps", "f3"),
+    ("batch_lift_step1", "batch lift, 1 step", "f3"),
+    ("batch_lift_step10", "batch lift, 10 steps", "f3"),
+    ("div_p50", "routed divergence p50", "f3"),
+    ("div_p90", "routed divergence p90", "f3"),
+    ("div_bounded_frac", "share > clip", "f2"),
 )
+# Table blocks of MEASURES: accuracy, dynamics, mechanism.
+ACCURACY, DYNAMICS, MECHANISM = MEASURES[:4], MEASURES[4:10], MEASURES[10:]
+PAIRED_KEYS: tuple[str, ...] = (
+    "acc_id_greedy", "acc_id_avgk", "acc_ood_greedy", "acc_ood_avgk",
+    "lift_step1", "lift_step10", "batch_lift_step1", "batch_lift_step10",
+)  # fmt: skip
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -681,9 +774,9 @@ def aggregate(runs: list[dict[str, Any]], base: dict[int, dict[str, float]], set
         if arm == "grpo" or "grpo" not in per_seed:
             continue
         deltas[arm] = {}
-        for key in ("acc_id_greedy", "acc_id_avgk", "acc_ood_greedy", "acc_ood_avgk"):
+        for key in PAIRED_KEYS:
             diffs = [
-                by_seed[(s, arm)][key] - by_seed[(s, "grpo")][key]
+                by_seed[(s, arm)].get(key, math.nan) - by_seed[(s, "grpo")].get(key, math.nan)
                 for s in settings.seeds
                 if (s, arm) in by_seed and (s, "grpo") in by_seed
             ]
@@ -720,22 +813,26 @@ def markdown_tables(summary: dict[str, Any], settings: Settings) -> str:
         lines.append(
             f"| {ARM_TITLES[arm]} | " + " | ".join(_cell(table[arm][k], f) for k, _, f in MEASURES[:4]) + " |"
         )
-    lines += ["", "| arm | " + " | ".join(title for _, title, _ in MEASURES[4:]) + " |", "|:---|" + "---:|" * 8]
-    for arm in arms:
-        lines.append(
-            f"| {ARM_TITLES[arm]} | " + " | ".join(_cell(table[arm][k], f) for k, _, f in MEASURES[4:]) + " |"
-        )
+    for block in (DYNAMICS, MECHANISM):
+        lines += ["", "| arm | " + " | ".join(title for _, title, _ in block) + " |", "|:---|" + "---:|" * len(block)]
+        for arm in arms:
+            lines.append(f"| {ARM_TITLES[arm]} | " + " | ".join(_cell(table[arm][k], f) for k, _, f in block) + " |")
     if deltas:
+        titles = {key: title for key, title, _ in MEASURES}
         lines += [
             "",
-            "Paired difference to GRPO (same seed), percentage points:",
+            "Paired difference to GRPO (same seed): accuracies in percentage points, lifts in nats:",
             "",
-            "| arm | " + " | ".join(title for _, title, _ in MEASURES[:4]) + " |",
-            "|:---|" + "---:|" * 4,
+            "| arm | " + " | ".join(titles[key] for key in PAIRED_KEYS) + " |",
+            "|:---|" + "---:|" * len(PAIRED_KEYS),
         ]
         for arm in arms:
             if arm in deltas:
-                cells = [_cell({k: 100 * v for k, v in deltas[arm][key].items()}, "f1") for key, _, _ in MEASURES[:4]]
+                cells = [
+                    _cell({k: (100 * v if key.startswith("acc") else v) for k, v in deltas[arm][key].items()},
+                          "f1" if key.startswith("acc") else "f3")
+                    for key in PAIRED_KEYS
+                ]  # fmt: skip
                 lines.append(f"| {ARM_TITLES[arm]} | " + " | ".join(cells) + " |")
     teacher = table["base"].get("teacher_acc_id_greedy")
     if teacher is not None:

@@ -184,14 +184,14 @@ def test_a_clipped_term_carries_no_gradient(kind):
 
 
 def test_a_term_exactly_at_the_clip_counts_as_clipped():
-    """`token_divergence`: the mask is [term < c], so a term equal to c gets a zero gradient (where, not clamp)."""
+    """`token_divergence(clip_mode="element")`: the mask is [term < c], so a term equal to c gets a zero gradient (where, not clamp)."""
     torch.manual_seed(0)
     student = torch.randn(1, 20, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(1, 20, dtype=torch.float64) * 3
     terms = _dense_terms(student.detach(), teacher, "fkl", 1.0)[0]
     u = int(terms.argmax())
     c = terms[u].item()  # exactly the largest term
-    (grad,) = torch.autograd.grad(token_divergence(student, teacher, "fkl", term_clip=c).sum(), student)
+    (grad,) = torch.autograd.grad(token_divergence(student, teacher, "fkl", term_clip=c, clip_mode="element").sum(), student)
     p_s, p_t = student.detach().softmax(-1)[0], teacher.softmax(-1)[0]
     kept = (torch.arange(20) != u).double()
     torch.testing.assert_close(grad[0], -kept * p_t + p_s * (kept * p_t).sum(), rtol=1e-12, atol=1e-14)
@@ -246,7 +246,7 @@ def test_topk_path_with_clip_matches_the_dense_topk_reference(kind, term_clip):
     leaves = [x.clone().requires_grad_(True) for x in (student_h, weight, bias)]
     ours = routed_divergence(
         leaves[0], teacher_h, (leaves[1], leaves[2]), (teacher_weight, None), kind, topk=20, temperature=0.7,
-        chunk_size=2, term_clip=term_clip,
+        chunk_size=2, term_clip=term_clip, clip_mode="element",
     )  # fmt: skip
     dense_leaves = [x.double().requires_grad_(True) for x in (student_h, weight, bias)]
     ref = _topk_reference(
@@ -264,7 +264,7 @@ def test_topk_path_with_clip_matches_the_dense_topk_reference(kind, term_clip):
     # token_divergence on materialized logits takes the same path.
     dense_ours = token_divergence(
         _logits(student_h, weight, bias, 1.0, None), _logits(teacher_h, teacher_weight, None, 1.0, None), kind,
-        topk=20, temperature=0.7, term_clip=term_clip,
+        topk=20, temperature=0.7, term_clip=term_clip, clip_mode="element",
     )  # fmt: skip
     torch.testing.assert_close(dense_ours.double(), ref.detach(), rtol=1e-5, atol=2e-5)
 
@@ -442,9 +442,10 @@ def test_low_precision_hidden_states_follow_the_heads_dtype_and_ignore_autocast(
     s_h, t_h = s_h.bfloat16(), t_h.bfloat16()
     w, t_w = w.to(head_dtype), t_w.to(head_dtype)
     for kind in ("fkl", "rkl"):
-        plain = routed_divergence(s_h, t_h, (w, None), (t_w, None), kind, term_clip=0.05)
+        clip = {"term_clip": 0.05, "clip_mode": "element"}
+        plain = routed_divergence(s_h, t_h, (w, None), (t_w, None), kind, **clip)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            under_autocast = routed_divergence(s_h, t_h, (w, None), (t_w, None), kind, term_clip=0.05)
+            under_autocast = routed_divergence(s_h, t_h, (w, None), (t_w, None), kind, **clip)
         assert under_autocast.dtype == torch.float32
         torch.testing.assert_close(under_autocast, plain, rtol=0, atol=0)
         # The reference: the same (rounded) inputs, in float64.

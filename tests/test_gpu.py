@@ -118,6 +118,8 @@ def test_trace_peak_memory_is_well_below_dense_self_distillation(qwen_model_dir,
         AllTokensAnnotator(),
         teacher_kind="base",
         kl_decay="none",
+        routed_token_grpo="additive",
+        max_routed_fraction=None,
     )
     print(f"peak GPU memory: TRACE {trace / 2**20:.0f} MiB, dense self-distillation {dense / 2**20:.0f} MiB")
     assert trace < 0.9 * dense

@@ -102,8 +102,8 @@ def test_token_divergence_rejects_bad_input(logits):
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl"])
 @pytest.mark.parametrize("topk", [None, 7])
-@pytest.mark.parametrize("term_clip", [None, 0.05])
-def test_routed_divergence_equals_dense_logits_path(kind, topk, term_clip):
+@pytest.mark.parametrize(("term_clip", "clip_mode"), [(None, "token"), (0.05, "token"), (0.05, "element")])
+def test_routed_divergence_equals_dense_logits_path(kind, topk, term_clip, clip_mode):
     """The chunked hidden-state path equals materialized logits, in value and in all student gradients."""
     torch.manual_seed(1)
     n, hidden, vocab = 11, 16, 300
@@ -124,6 +124,7 @@ def test_routed_divergence_equals_dense_logits_path(kind, topk, term_clip):
         logit_scale=0.9,
         final_logit_softcapping=30.0,
         term_clip=term_clip,
+        clip_mode=clip_mode,
     )
     head = {"logit_scale": 0.9, "final_logit_softcapping": 30.0}
     dense = token_divergence(
@@ -133,6 +134,7 @@ def test_routed_divergence_equals_dense_logits_path(kind, topk, term_clip):
         topk=topk,
         temperature=0.8,
         term_clip=term_clip,
+        clip_mode=clip_mode,
     )
     torch.testing.assert_close(ours, dense, rtol=1e-4, atol=1e-5)
     grads_ours = torch.autograd.grad(ours.sum(), (student_h, weight, bias))

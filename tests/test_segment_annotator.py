@@ -276,7 +276,7 @@ def test_segment_protocol_routes_tokens_in_a_real_trace_run(tiny_model_dir, tiny
     logged = {key: [r[key] for r in trainer.state.log_history if key in r] for key in trainer.state.log_history[0]}
     assert all(f == 0.0 for f in logged["trace/annotation_failures"])
     assert annotator.metrics()["annotator/spans"] > 0 and annotator.metrics()["annotator/failures"] == 0
-    assert any(v > 0 for v in logged["trace/key_token_frac"] + logged["trace/error_token_frac"])
+    assert any(v > 0 for v in logged["trace/key_label_frac"] + logged["trace/error_label_frac"])
     # The teacher gets the label in words, from the taxonomy only.
     assert labels_seen and set(labels_seen) <= {"key insight", "another kind of mistake", None}
 

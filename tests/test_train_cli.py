@@ -369,7 +369,7 @@ def test_tiny_training_run_from_a_recipe(tiny_model_dir, tmp_path):
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     logged = {key for entry in state["log_history"] for key in entry}
-    assert {"trace/kl_weight", "trace/error_token_frac", "reward"} <= logged
+    assert {"trace/kl_weight", "trace/error_label_frac", "reward"} <= logged
     card = (output_dir / "README.md").read_text()
     assert "## TRACE settings" in card and "RegexAnnotator" in card and "| `error_span_action` | `rkl` |" in card
 

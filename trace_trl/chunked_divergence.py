@@ -83,7 +83,8 @@ def chunked_divergence(
     final_logit_softcapping: float | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_tile: int = DEFAULT_VOCAB_TILE,
-) -> torch.Tensor:
+    return_unclipped: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-row (clipped) KL of the two heads' distributions, see the module docstring; `[N]` float32 (float64 in).
 
     Args:
@@ -95,6 +96,7 @@ def chunked_divergence(
         term_clip (`float`, *optional*): each vocabulary term becomes `min(term, term_clip)`; `None` for no clip.
         temperature, logit_scale, final_logit_softcapping: the output transform, applied to both heads.
         chunk_size (`int`): rows per tile. vocab_tile (`int`): vocabulary columns per tile.
+        return_unclipped (`bool`): also return the unclipped KL per row (detached; the same pass computes it).
     """
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}.")
@@ -118,9 +120,10 @@ def chunked_divergence(
         # Keep the graph connected so an empty micro-batch still back-propagates a zero. A ZeRO-3 partitioned head goes
         # through the function anyway: its gathers (one in the forward, one in the backward) are collectives that
         # every process must make, routed tokens or not.
-        return student_hidden.sum(-1).float() * 0.0
+        zero = student_hidden.sum(-1).float() * 0.0
+        return (zero, zero.detach()) if return_unclipped else zero
     teacher_weight, teacher_bias = teacher_head
-    return ClippedDivergenceFunction.apply(
+    value, unclipped = ClippedDivergenceFunction.apply(
         student_hidden,
         student_head[0],
         student_head[1],
@@ -135,6 +138,7 @@ def chunked_divergence(
         chunk_size,
         vocab_tile,
     )
+    return (value, unclipped) if return_unclipped else value
 
 
 class _Transform:
@@ -210,6 +214,7 @@ class ClippedDivergenceFunction(torch.autograd.Function):
         log_z_s = torch.empty(n_rows, device=device, dtype=dtype)
         log_z_t = torch.empty_like(log_z_s)
         value = torch.empty_like(log_z_s)
+        unclipped = torch.empty_like(log_z_s)
         aux = torch.empty_like(log_z_s)  # A (fkl) or B (rkl) of the module docstring
         with (
             torch.autocast(device.type, enabled=False),  # the tiles are float32 whatever the surrounding autocast
@@ -228,18 +233,19 @@ class ClippedDivergenceFunction(torch.autograd.Function):
                     tf,
                     vocab,
                     vocab_tile,
-                    out=(log_z_s[rows], log_z_t[rows], value[rows], aux[rows]),
+                    out=(log_z_s[rows], log_z_t[rows], value[rows], unclipped[rows], aux[rows]),
                 )
         ctx.save_for_backward(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, log_z_s, log_z_t,
             aux,
         )  # fmt: skip
         ctx.settings = (kind, term_clip, tf, chunk_size, vocab_tile)
-        return value
+        ctx.mark_non_differentiable(unclipped)
+        return value, unclipped
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_value: torch.Tensor):
+    def backward(ctx, grad_value: torch.Tensor, _grad_unclipped: torch.Tensor | None):
         (s_h, s_w, s_b, t_h, t_w, t_b, log_z_s, log_z_t, aux) = ctx.saved_tensors
         kind, term_clip, tf, chunk_size, vocab_tile = ctx.settings
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -279,7 +285,7 @@ class ClippedDivergenceFunction(torch.autograd.Function):
 
 def _forward_chunk(s_h, t_h, s_head, t_head, kind, term_clip, tf, vocab, vocab_tile, *, out) -> None:
     """One pass over the vocabulary for `n` rows: normalizers, the unclipped KL, and the clip candidates."""
-    log_z_s_out, log_z_t_out, value_out, aux_out = out
+    log_z_s_out, log_z_t_out, value_out, unclipped_out, aux_out = out
     n, device, dtype = s_h.shape[0], s_h.device, tf.dtype
     clip = term_clip is not None
     tau = term_clip / _CANDIDATE_FACTOR if clip else 0.0
@@ -330,6 +336,7 @@ def _forward_chunk(s_h, t_h, s_head, t_head, kind, term_clip, tf, vocab, vocab_t
     log_z_s_out.copy_(log_z_s)
     log_z_t_out.copy_(log_z_t)
     value_out.copy_(kl)
+    unclipped_out.copy_(kl)
     aux_out.copy_(torch.ones_like(kl) if kind == "fkl" else kl + 1.0)  # A = 1, B = KL + 1 unclipped
     if not clip:
         return

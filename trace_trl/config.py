@@ -10,6 +10,7 @@ import jinja2
 import jinja2.meta
 from trl import GRPOConfig
 
+from .losses import CLIP_MODES
 from .schedule import KL_DECAYS
 
 
@@ -73,9 +74,14 @@ class TRACEConfig(GRPOConfig):
             rollouts of the optimizer step (rollouts with nothing routed count), whatever the split into processes,
             accumulation micro-batches and `steps_per_generation`. `"grpo"`: GRPO's own normalizer for `loss_type`.
         kl_term_clip (`float` or `None`, *optional*, defaults to `0.05`):
-            Pointwise clip of the divergence (the paper's 0.05): every per-vocabulary term `a_v (log a_v - log b_v)`
-            becomes `min(term, kl_term_clip)` before the sum, so a clipped term carries no gradient. `None` turns
-            it off.
+            The clip's value `c` (the paper clips at 0.05); how it applies is `kl_clip_mode`. `None` turns it off.
+        kl_clip_mode (`str`, *optional*, defaults to `"token"`):
+            `"token"` (ours, the default): each routed token's divergence `D` counts as `min(D, c)`, its gradient is
+            the true divergence's scaled by `min(1, c / D)`, so a far-off token weighs no more than one at `c` and the
+            gradient never points away from the teacher. `"element"` (the paper's literal pointwise clip, OPSD's):
+            every per-vocabulary term `a_v (log a_v - log b_v)` becomes `min(term, c)` before the sum, with no
+            gradient past the cap; under forward KL that pushes the student *away* from the teacher's dominant tokens
+            once their terms clip (docs/design.md), so it is kept for fidelity experiments only.
         max_routed_fraction (`float` or `None`, *optional*, defaults to `0.25`):
             Coverage cap (the paper's 25%): at most this fraction of each rollout's completion tokens is routed.
             Spans are kept in the annotator's order, the one that crosses the cap cut at it. `None` turns it off
@@ -173,8 +179,17 @@ class TRACEConfig(GRPOConfig):
     kl_term_clip: float | None = field(
         default=0.05,
         metadata={
-            "help": "Pointwise clip (paper: 0.05) of every per-vocabulary term a_v*(log a_v - log b_v) of the "
-            "divergence, before the sum; a clipped term carries no gradient. None: off."
+            "help": "The KL clip's value c (paper: 0.05); how it applies is `kl_clip_mode`. None: off."
+        },
+    )
+    kl_clip_mode: str = field(
+        default="token",
+        metadata={
+            "help": "'token' (default): each routed token's divergence D counts as min(D, c) with its gradient scaled "
+            "by min(1, c/D), never pointing away from the teacher. 'element' (paper's literal clip): each "
+            "per-vocabulary term clipped at c before the sum, no gradient past it; can push forward KL away from "
+            "the teacher (docs/design.md), for fidelity experiments.",
+            "choices": list(CLIP_MODES),
         },
     )
     max_routed_fraction: float | None = field(
@@ -295,6 +310,14 @@ class TRACEConfig(GRPOConfig):
         _check_choice("teacher_kind", self.teacher_kind, TEACHER_KINDS)
         _check_choice("annotation_failure", self.annotation_failure, ANNOTATION_FAILURE_MODES)
         _check_choice("kl_normalization", self.kl_normalization, KL_NORMALIZATIONS)
+        _check_choice("kl_clip_mode", self.kl_clip_mode, CLIP_MODES)
+        if self.kl_coef > 0 and self.kl_decay == "none" and self.routed_token_grpo == "complementary":
+            raise ValueError(
+                "`kl_decay='none'` with `routed_token_grpo='complementary'` gives routed tokens a GRPO weight of "
+                "1 - kl_weight / kl_coef = 0 for the whole run: they would never get GRPO. Choose explicitly: "
+                "`routed_token_grpo='additive'` (GRPO on every token plus the constant KL: the all-token self-OPD "
+                "baseline) or `routed_token_grpo='exclusive'` (routed tokens get only the KL, forever)."
+            )
         if self.kl_coef < 0:
             raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}.")
         for name in ("kl_warmup_steps", "kl_decay_steps"):

@@ -12,6 +12,31 @@ from .chunked_divergence import chunked_divergence
 
 
 DIVERGENCE_KINDS: tuple[str, ...] = ("fkl", "rkl")
+CLIP_MODES: tuple[str, ...] = ("token", "element")
+
+
+def bound_divergence(divergence: torch.Tensor, term_clip: float) -> torch.Tensor:
+    r"""The ``"token"`` clip: each token's divergence $D_t$ becomes $D_t \cdot \mathrm{sg}(\min(1, c / D_t))$.
+
+    The value is $\min(D_t, c)$, and the gradient is the true divergence's, scaled by $\min(1, c / D_t) \in (0, 1]$:
+
+    $$\nabla \tilde D_t = \min\bigl(1, c / D_t\bigr)\, \nabla D_t,$$
+
+    which is the gradient of the concave, increasing surrogate $D_t$ for $D_t \le c$ and $c\,(1 + \log(D_t / c))$
+    above. A token far from the teacher therefore weighs at most as much as a token at divergence $c$ (the
+    influence bound the paper's clip is for), and since the scale is positive the gradient always points along the
+    true divergence's: a small descent step never raises $D_t$, and under forward KL an entry the teacher prefers
+    more than the student is never pushed down. (The ``"element"`` clip, $\sum_v \min(\text{term}_v, c)$, has
+    neither property: see `token_divergence`.)
+    """
+    return divergence * (term_clip / divergence.detach().clamp(min=term_clip))
+
+
+def _check_clip(term_clip: float | None, clip_mode: str) -> None:
+    if term_clip is not None and not term_clip > 0:
+        raise ValueError(f"term_clip must be > 0 or None (no clip), got {term_clip}.")
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}.")
 
 
 def token_divergence(
@@ -22,6 +47,7 @@ def token_divergence(
     topk: int | None = None,
     temperature: float = 1.0,
     term_clip: float | None = None,
+    clip_mode: str = "token",
 ) -> torch.Tensor:
     r"""Per-row KL divergence between the teacher's and the student's next-token distributions.
 
@@ -35,11 +61,20 @@ def token_divergence(
     tail bucket holding the remaining mass, $\log p(\text{tail}) = \log \sum_{v \notin S} p(v)$. The coarsened KL is a
     lower bound of the full one and equals it when $k \ge V - 1$.
 
-    With ``term_clip=c`` (the paper's pointwise clip) each term $a_v(\log a_v - \log b_v)$ of the sum, with
-    $(a, b) = (p_t, p_s)$ for ``"fkl"`` and $(p_s, p_t)$ for ``"rkl"``, becomes $\min(\text{term}_v, c)$ before the sum
-    over the vocabulary. The clip is one-sided (negative terms are kept), and a clipped term carries no gradient: the
-    mask is $[\text{term}_v < c]$, so a term exactly at $c$ counts as clipped and gets a zero gradient. With ``topk``
-    the clipped terms are those of the $k + 1$ coarsened categories ($k$ support tokens and the tail bucket).
+    With ``term_clip=c`` the influence of a large divergence is bounded, in one of two ways (``clip_mode``):
+
+    - ``"token"`` (the default): the row's divergence $D$ becomes $\min(D, c)$ in value, with the gradient of $D$
+      scaled by $\min(1, c / D)$ (`bound_divergence`): it never points away from the teacher.
+    - ``"element"`` (the literal pointwise clip, OPSD's ``jsd_token_clip``): each term $a_v(\log a_v - \log b_v)$ of
+      the sum, with $(a, b) = (p_t, p_s)$ for ``"fkl"`` and $(p_s, p_t)$ for ``"rkl"``, becomes
+      $\min(\text{term}_v, c)$ before the sum over the vocabulary. The clip is one-sided (negative terms are kept),
+      and a clipped term carries no gradient: the mask is $[\text{term}_v < c]$, so a term exactly at $c$ counts as
+      clipped. Kept for fidelity experiments only: once the teacher's dominant entries are clipped, the forward-KL
+      gradient on an entry $u$ becomes $-m_u p_t(u) + A\,p_s(u)$ with $A$ the kept teacher mass, which *lowers* the
+      logit of a clipped entry the teacher prefers, and the value can fall below zero.
+
+    With ``topk`` the (element-)clipped terms are those of the $k + 1$ coarsened categories ($k$ support tokens and
+    the tail bucket), and the token clip bounds the coarsened divergence.
 
     The teacher is detached: the gradient reaches ``student_logits`` only.
 
@@ -49,7 +84,8 @@ def token_divergence(
         kind (`str`): `"fkl"` or `"rkl"`.
         topk (`int`, *optional*): size of the top-k support; `None` for the full vocabulary.
         temperature (`float`, *optional*, defaults to `1.0`): both logits are divided by it.
-        term_clip (`float`, *optional*): clip each vocabulary term at this value (> 0); `None` for no clip.
+        term_clip (`float`, *optional*): the clip's value `c` (> 0); `None` for no clip.
+        clip_mode (`str`, *optional*, defaults to `"token"`): `"token"` or `"element"`, see above.
 
     Returns:
         `torch.Tensor`: `[N]` divergences in float32 (float64 for float64 logits).
@@ -63,8 +99,7 @@ def token_divergence(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if term_clip is not None and not term_clip > 0:
-        raise ValueError(f"term_clip must be > 0 or None (no clip), got {term_clip}.")
+    _check_clip(term_clip, clip_mode)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
@@ -78,10 +113,12 @@ def token_divergence(
         log_p_t = _topk_with_tail(log_p_t, support)
     log_a, log_b = (log_p_t, log_p_s) if kind == "fkl" else (log_p_s, log_p_t)
     terms = log_a.exp() * (log_a - log_b)
-    if term_clip is not None:
-        # `where`, not `clamp`: clamp passes the gradient at the boundary, and a term at the clip must carry none.
-        terms = torch.where(terms < term_clip, terms, torch.full_like(terms, term_clip))
-    return terms.sum(-1)
+    if term_clip is None:
+        return terms.sum(-1)
+    if clip_mode == "token":
+        return bound_divergence(terms.sum(-1), term_clip)
+    # `where`, not `clamp`: clamp passes the gradient at the boundary, and a term at the clip must carry none.
+    return torch.where(terms < term_clip, terms, torch.full_like(terms, term_clip)).sum(-1)
 
 
 def _topk_with_tail(log_probs: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -119,75 +156,92 @@ def routed_divergence(
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
     term_clip: float | None = None,
-) -> torch.Tensor:
+    clip_mode: str = "token",
+    with_unclipped: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""`token_divergence` at `N` routed positions, from hidden states, without ever holding `[N, V]` logits.
 
     Full vocabulary: `trace_trl.chunked_divergence.chunked_divergence`, which tiles rows (`chunk_size`) and the
-    vocabulary, applies the pointwise ``term_clip``, and back-propagates to the student hidden states and head only.
-    On CPU it is as fast as TRL's unclipped `ChunkedDivergenceFunction` (docs/performance.md), so it serves both the
-    clipped and the unclipped case; on CUDA the unclipped case keeps TRL's kernel, which is fused in Triton there.
-    With ``topk``: `chunk_size` positions at a time through `token_divergence` (clipping the $k + 1$ coarsened terms),
-    each chunk re-computed in the backward pass (activation checkpointing), so at most one `[chunk_size, V]` tile
-    lives.
+    vocabulary, applies the ``"element"`` clip if asked, and back-propagates to the student hidden states and head
+    only. On CPU it is as fast as TRL's unclipped `ChunkedDivergenceFunction` (docs/performance.md), so it serves
+    every case there; on CUDA the unclipped divergence (also the base of the ``"token"`` clip) takes TRL's kernel,
+    fused in Triton, except under DeepSpeed ZeRO-3, whose partitioned head only the project's kernel gathers
+    correctly beside a plain-tensor teacher head. With ``topk``: `chunk_size` positions at a time through
+    `token_divergence`, each chunk re-computed in the backward pass (activation checkpointing), so at most one
+    `[chunk_size, V]` tile lives. The ``"token"`` clip (`bound_divergence`) is applied to the divergences last.
 
     Args:
         student_hidden (`torch.Tensor`): `[N, H]`, with grad.
         teacher_hidden (`torch.Tensor`): `[N, H]`, no grad.
         student_head, teacher_head (`tuple`): `(weight [V, H], bias [V] or None)` of each LM head.
         kind (`str`): `"fkl"` or `"rkl"`.
-        term_clip (`float`, *optional*): the pointwise clip of `token_divergence`; `None` for none.
+        term_clip (`float`, *optional*): the clip's value; `None` for none. clip_mode (`str`): as `token_divergence`.
+        with_unclipped (`bool`): also return the unclipped divergences (detached), for metrics.
 
     Returns:
-        `torch.Tensor`: `[N]` float32 divergences.
+        `torch.Tensor`: `[N]` float32 divergences, or `(divergences, unclipped)` with ``with_unclipped``.
     """
     if kind not in DIVERGENCE_KINDS:
         raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}.")
-    if term_clip is not None and not term_clip > 0:
-        raise ValueError(f"term_clip must be > 0 or None (no clip), got {term_clip}.")
+    _check_clip(term_clip, clip_mode)
+    element_clip = term_clip if clip_mode == "element" else None
     n = student_hidden.size(0)
+    teacher_hidden = teacher_hidden.detach()
     if n == 0 and topk is not None:
         # Keep the graph connected so an empty micro-batch still back-propagates a zero. (The full-vocabulary path
         # leaves that to `chunked_divergence`, which still joins a ZeRO-3 head's gathers with zero rows.)
-        return student_hidden.sum(-1).float() * 0.0
-    teacher_hidden = teacher_hidden.detach()
-    if topk is None:
-        if term_clip is None and student_hidden.device.type == "cuda" and n > 0:
-            return _trl_full_vocab(
-                student_hidden, teacher_hidden, student_head, teacher_head, kind, temperature, logit_scale,
-                final_logit_softcapping,
-            )  # fmt: skip
-        return chunked_divergence(
+        divergence = student_hidden.sum(-1).float() * 0.0
+        unclipped = divergence.detach()
+    elif topk is None and element_clip is None and n > 0 and _trl_kernel_applies(student_hidden.device.type):
+        divergence = _trl_full_vocab(
+            student_hidden, teacher_hidden, student_head, teacher_head, kind, temperature, logit_scale,
+            final_logit_softcapping,
+        )  # fmt: skip
+        unclipped = divergence.detach()
+    elif topk is None:
+        divergence, unclipped = chunked_divergence(
             student_hidden,
             student_head,
             teacher_hidden,
             teacher_head,
             kind,
-            term_clip=term_clip,
+            term_clip=element_clip,
             temperature=temperature,
             logit_scale=logit_scale,
             final_logit_softcapping=final_logit_softcapping,
             chunk_size=chunk_size,
-        ).float()
-    chunks = []
-    for start in range(0, n, chunk_size):
-        s_h, t_h = student_hidden[start : start + chunk_size], teacher_hidden[start : start + chunk_size]
-        chunks.append(
-            checkpoint(
-                _topk_chunk,
-                s_h,
-                t_h,
-                *student_head,
-                *teacher_head,
-                kind,
-                topk,
-                temperature,
-                logit_scale,
-                final_logit_softcapping,
-                term_clip,
-                use_reentrant=False,
-            )
+            return_unclipped=True,
         )
-    return torch.cat(chunks)
+        divergence, unclipped = divergence.float(), unclipped.float()
+    else:
+        settings = (kind, topk, temperature, logit_scale, final_logit_softcapping)
+        chunks, unclipped_chunks = [], []
+        for start in range(0, n, chunk_size):
+            s_h, t_h = student_hidden[start : start + chunk_size], teacher_hidden[start : start + chunk_size]
+            chunk = checkpoint(
+                _topk_chunk, s_h, t_h, *student_head, *teacher_head, *settings, element_clip, use_reentrant=False
+            )
+            chunks.append(chunk)
+            if element_clip is None:
+                unclipped_chunks.append(chunk.detach())
+            else:
+                with torch.no_grad():
+                    unclipped_chunks.append(_topk_chunk(s_h, t_h, *student_head, *teacher_head, *settings, None))
+        divergence, unclipped = torch.cat(chunks), torch.cat(unclipped_chunks)
+    if term_clip is not None and clip_mode == "token":
+        divergence = bound_divergence(divergence, term_clip)
+    return (divergence, unclipped) if with_unclipped else divergence
+
+
+def _trl_kernel_applies(device_type: str) -> bool:
+    """Whether the unclipped full-vocabulary divergence takes TRL's kernel: on CUDA (Triton), not under ZeRO-3.
+
+    Under ZeRO-3, TRL's kernel gathers every head it is given and reads `.ds_status` on each, which the teacher's head
+    (already gathered into a plain tensor) does not have; the project's kernel gathers only partitioned parameters.
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return device_type == "cuda" and not is_deepspeed_zero3_enabled()
 
 
 def _trl_full_vocab(s_h, t_h, student_head, teacher_head, kind, temperature, scale, softcap) -> torch.Tensor:
@@ -206,9 +260,11 @@ def _topk_chunk(
     student_logits = output_logits(s_h, s_w, s_b, logit_scale=logit_scale, final_logit_softcapping=softcap)
     with torch.no_grad():
         teacher_logits = output_logits(t_h, t_w, t_b, logit_scale=logit_scale, final_logit_softcapping=softcap)
+    # `term_clip` here is only ever the element clip: `routed_divergence` applies the token clip after the chunks.
     return token_divergence(
-        student_logits, teacher_logits, kind, topk=topk, temperature=temperature, term_clip=term_clip
-    ).float()
+        student_logits, teacher_logits, kind, topk=topk, temperature=temperature, term_clip=term_clip,
+        clip_mode="element",
+    ).float()  # fmt: skip
 
 
 def normalize_like_grpo(

@@ -56,7 +56,8 @@ def spans_for_rollout(annotation: Annotation, is_correct: bool, text_length: int
 
     Key spans count only in correct rollouts and error spans only in incorrect ones (our decision where the paper is
     silent; see docs/design.md); empty spans and spans starting past the text are dropped too. The annotator's order is
-    kept: it is the order of importance the coverage cap follows.
+    kept, and the coverage cap follows it: importance for the segment protocol (most decisive first), text order for
+    the quote protocol and the heuristic annotators (so the cap keeps their earliest spans).
     """
     if annotation.failed:
         return [], 0
@@ -83,7 +84,7 @@ def capped_token_labels(
 ) -> tuple[list[int], int]:
     """Token labels of one rollout under the coverage cap, and how many eligible labelled tokens the cap removed.
 
-    Spans are taken in the given order (the annotator's order of importance). Each contributes its eligible tokens
+    Spans are taken in the given order (the annotator's: importance for the segment protocol, text order otherwise). Each contributes its eligible tokens
     (those in the loss mask) that no earlier span took, left to right, until `budget` tokens are labelled; the span
     that crosses the budget is cut there (it keeps its first tokens), and later spans get nothing. With
     `budget=None` this equals `spans.token_labels` (error wins over key on a shared token).
@@ -252,6 +253,7 @@ class RoutedBatchBuilder:
         rewards = rewards.float().cpu()
         correct = (rewards >= args.correct_reward_threshold).tolist()  # NaN compares False: unscored = incorrect
         texts = self.tokenizer.batch_decode(completion_ids_list, skip_special_tokens=True)
+        offsets = [tuple(token_char_offsets(ids, self.tokenizer)) for ids in completion_ids_list]
         contexts = privileged_contexts(rows, args.privileged_context_column)
         requests = [
             AnnotationRequest(
@@ -261,6 +263,7 @@ class RoutedBatchBuilder:
                 reward=float(rewards[i]),
                 privileged_context=contexts[i],
                 metadata=request_metadata(rows[i], args.privileged_context_column),
+                token_offsets=offsets[i],
             )
             for i in range(n)
         ]
@@ -286,7 +289,7 @@ class RoutedBatchBuilder:
             # The cap bounds routed tokens: spans of a kind this run leaves to GRPO are not capped (nor routed).
             action = args.key_span_action if correct[i] else args.error_span_action
             budget = None if action == "grpo" else routed_token_budget(sum(eligible), args.max_routed_fraction)
-            row, removed = capped_token_labels(token_char_offsets(ids, self.tokenizer), spans, eligible, budget)
+            row, removed = capped_token_labels(offsets[i], spans, eligible, budget)
             cap_removed += removed
             labels[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         labels = labels.to(self.device) * loss_mask.long()
@@ -318,8 +321,8 @@ class RoutedBatchBuilder:
         self._check_routes_something(totals)
         tokens, rollouts = max(totals["tokens"], 1.0), max(totals["rollouts"], 1.0)
         metrics = {
-            "trace/key_token_frac": totals["key"] / tokens,
-            "trace/error_token_frac": totals["error"] / tokens,
+            "trace/key_label_frac": totals["key"] / tokens,  # labelled, routed or not (see trace/fkl_token_frac)
+            "trace/error_label_frac": totals["error"] / tokens,
             "trace/annotation_failures": totals["failures"],
             "trace/annotation_failure_rate": totals["failures"] / rollouts,
             "trace/dropped_spans": totals["dropped_spans"],

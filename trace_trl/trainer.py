@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from .annotators.base import bind_annotator
+from .annotators.heuristic import AllTokensAnnotator
 from .config import TRACEConfig
 from .context import TeacherContextBuilder
 from .losses import grpo_token_weights, normalize_like_grpo, routed_divergence, sequence_normalize
@@ -148,6 +149,15 @@ class TRACETrainer(GRPOTrainer):
                 f"`correctness_reward_func={args.correctness_reward_func!r}` is not one of the reward functions "
                 f"{self.reward_func_names}."
             )
+        if args.kl_coef > 0 and args.correctness_reward_func is None and len(self.reward_func_names) > 1:
+            logger.warning(
+                "With several reward functions (%s) and no `correctness_reward_func`, a rollout counts as correct when "
+                "the weighted sum of all rewards reaches `correct_reward_threshold` (%s): with an accuracy and a format "
+                "reward, a well-formatted wrong answer may count as correct and get key spans. Set "
+                "`correctness_reward_func` to the reward that checks the answer (e.g. 'accuracy_reward').",
+                ", ".join(self.reward_func_names),
+                args.correct_reward_threshold,
+            )
         _check_privileged_column(train_dataset if train_dataset is not None else self.train_dataset, args)
         self.sharding_engine = _check_sharded_training(self, args)
         _warn_if_resume_is_inexact(args)
@@ -190,6 +200,9 @@ class TRACETrainer(GRPOTrainer):
         self._trace_stash: dict[str, Any] | None = None
         self._captured: dict[str, Any] | None = None
         self.privileged_exposure = 0.0  # sum over micro-steps of kl_weight x routed tokens (all processes)
+        # This process's unclipped per-token divergences of the last KL-phase micro-step, by kind ("fkl", "rkl"; empty
+        # when it routed nothing): for inspecting what the clip sees (the replication study reports their distribution).
+        self.last_routed_divergences: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------------------
     # Schedule
@@ -307,11 +320,17 @@ class TRACETrainer(GRPOTrainer):
 
         mask = inputs["completion_mask"] * inputs.get("tool_mask", torch.ones_like(inputs["completion_mask"]))
         routed = (route != Route.GRPO) & mask.bool()
-        # A global decision: under ZeRO-3 / FSDP the teacher forward gathers weights, a collective every process joins.
-        any_routed = self.accelerator.reduce(routed.any().float().reshape(1), "sum").item() > 0
-        if not any_routed:
-            self._log_exposure(0.0)
-            return super()._compute_loss(model, inputs)
+        # A global count: under ZeRO-3 / FSDP the teacher forward gathers weights, a collective every process joins, so
+        # whether it runs is decided for all processes at once; the same count feeds the exposure.
+        n_routed = self.accelerator.reduce(routed.sum().float().reshape(1), "sum").item()
+        self.privileged_exposure += weight * n_routed
+        self.last_routed_divergences = {}
+        if n_routed == 0:
+            # Still a KL-phase micro-step: its (zero) routed fraction and its span entropies count in the metrics.
+            with self._capture_student(self.accelerator.unwrap_model(model), None) as captured:
+                loss = super()._compute_loss(model, inputs)
+            self._log_loss_metrics({}, routed, mask, inputs["trace_labels"], captured.get("entropy"))
+            return loss
 
         unwrapped = self.accelerator.unwrap_model(model)
         rows, cols = routed.nonzero(as_tuple=True)
@@ -345,7 +364,7 @@ class TRACETrainer(GRPOTrainer):
             )
         else:
             kl_loss = self.normalize_like_grpo(per_token, mask, inputs)
-        self._log_loss_metrics(sums, routed, mask, inputs["trace_labels"], captured.get("entropy"), weight)
+        self._log_loss_metrics(sums, routed, mask, inputs["trace_labels"], captured.get("entropy"))
         return loss + weight * kl_loss
 
     def _routed_kl(self, unwrapped, student_hidden, teacher_hidden, teacher_head, kinds, rows, cols, shape):
@@ -372,10 +391,10 @@ class TRACETrainer(GRPOTrainer):
                 "of its own. TRL's fused log-prob head reads it at the same point."
             )
         per_token = torch.zeros(shape, dtype=torch.float32, device=student_hidden.device)
-        sums = []
+        sums: dict[str, list[torch.Tensor]] = {}
         for code, kind in ((Route.FKL, "fkl"), (Route.RKL, "rkl")):
             selected = kinds == code
-            divergence = routed_divergence(
+            divergence, unclipped = routed_divergence(
                 student_hidden[selected],
                 teacher_hidden[selected],
                 (head.weight, head.bias),
@@ -387,9 +406,14 @@ class TRACETrainer(GRPOTrainer):
                 logit_scale=self._logit_scale,
                 final_logit_softcapping=self._softcap,
                 term_clip=self.args.kl_term_clip,
+                clip_mode=self.args.kl_clip_mode,
+                with_unclipped=True,
             )
             per_token = per_token.index_put((rows[selected], cols[selected]), divergence)
-            sums += [divergence.detach().sum(), selected.sum().float()]
+            # A token counts as clipped where the clip lowered its divergence (by more than rounding).
+            clipped = (unclipped - divergence.detach()) > 1e-6
+            sums[kind] = [divergence.detach().sum(), unclipped.sum(), clipped.sum().float(), selected.sum().float()]
+            self.last_routed_divergences[kind] = unclipped
         return per_token, sums
 
     def normalize_like_grpo(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
@@ -445,7 +469,7 @@ class TRACETrainer(GRPOTrainer):
     @contextlib.contextmanager
     def _capture_student(self, unwrapped, kl_inside_forward) -> Iterator[dict[str, Any]]:
         """While GRPO's loss runs: on the decoder's output, inside the student's single forward, compute the KL channel
-        with `kl_inside_forward(hidden_states)`; and keep GRPO's per-token entropies."""
+        with `kl_inside_forward(hidden_states)` (unless it is `None`); and keep GRPO's per-token entropies."""
         captured: dict[str, Any] = {}
 
         def routed_kl_hook(module, args, output):
@@ -453,12 +477,15 @@ class TRACETrainer(GRPOTrainer):
                 raise RuntimeError("The student's decoder ran twice in one GRPO loss; TRACE expects a single forward.")
             captured["kl"] = kl_inside_forward(output.last_hidden_state)
 
-        handle = causal_lm_of(unwrapped).base_model.register_forward_hook(routed_kl_hook)
+        handle = None
+        if kl_inside_forward is not None:
+            handle = causal_lm_of(unwrapped).base_model.register_forward_hook(routed_kl_hook)
         self._captured = captured
         try:
             yield captured
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
             self._captured = None
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
@@ -467,29 +494,36 @@ class TRACETrainer(GRPOTrainer):
             self._captured["entropy"] = entropies.detach()
         return logps, entropies, aux_loss
 
-    def _log_exposure(self, routed_tokens: float) -> None:
-        self.privileged_exposure += self.current_kl_weight() * routed_tokens
-        self._metrics["train"]["trace/privileged_exposure"].append(self.privileged_exposure)
+    def _log_loss_metrics(self, sums, routed, mask, labels, entropy) -> None:
+        """The KL channel's metrics of one KL-phase micro-step, summed over processes (`sums` is empty when nothing
+        was routed anywhere: the step still counts, with a routed fraction of 0).
 
-    def _log_loss_metrics(self, sums, routed, mask, labels, entropy, weight) -> None:
+        Per divergence kind: the mean of what the loss used (`trace/fkl_mean`, clipped), the mean of the true divergence
+        (`trace/fkl_unclipped_mean`) and the fraction of routed tokens the clip bounded (`trace/fkl_clipped_frac`); an
+        element-clipped "KL" can be negative, the unclipped one never is. Span entropies count key-, error- and
+        unlabelled loss tokens."""
         mask_f = mask.float()
-        local = [*sums, routed.sum().float(), mask_f.sum()]
+        zero = mask_f.new_zeros(())
+        local = [*(t for kind in ("fkl", "rkl") for t in sums.get(kind, [zero] * 4)), routed.sum().float(), mask_f.sum()]
         if entropy is None:
             entropy = torch.zeros_like(mask_f)
         for label in (TokenLabel.KEY, TokenLabel.ERROR, TokenLabel.NONE):
             selected = (labels == label).float() * mask_f
             local += [(entropy * selected).sum(), selected.sum()]
         totals = self.accelerator.reduce(torch.stack([t.float() for t in local]), "sum").tolist()
-        fkl_sum, fkl_n, rkl_sum, rkl_n, n_routed, n_tokens = totals[:6]
         metrics = self._metrics["train"]
-        metrics["trace/fkl_mean"].append(fkl_sum / fkl_n if fkl_n else math.nan)
-        metrics["trace/rkl_mean"].append(rkl_sum / rkl_n if rkl_n else math.nan)
+        for i, kind in enumerate(("fkl", "rkl")):
+            clipped_sum, unclipped_sum, n_clipped, n = totals[4 * i : 4 * i + 4]
+            metrics[f"trace/{kind}_mean"].append(clipped_sum / n if n else math.nan)
+            metrics[f"trace/{kind}_unclipped_mean"].append(unclipped_sum / n if n else math.nan)
+            metrics[f"trace/{kind}_clipped_frac"].append(n_clipped / n if n else math.nan)
+            metrics[f"trace/{kind}_token_frac"].append(n / max(totals[9], 1.0))
+        n_routed, n_tokens = totals[8:10]
         metrics["trace/routed_token_frac"].append(n_routed / max(n_tokens, 1.0))
         for name, (total, count) in zip(
-            ("key", "error", "other"), zip(totals[6::2], totals[7::2], strict=True), strict=True
+            ("key", "error", "other"), zip(totals[10::2], totals[11::2], strict=True), strict=True
         ):
             metrics[f"trace/entropy_{name}"].append(total / count if count else math.nan)
-        self.privileged_exposure += weight * n_routed
         metrics["trace/privileged_exposure"].append(self.privileged_exposure)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -598,6 +632,14 @@ def _check_annotator(annotator: Any, args: TRACEConfig | None, no_args: bool) ->
         raise TypeError(
             f"`annotator` must be callable as annotator(requests) -> list[Annotation]; got {type(annotator).__name__}."
         )
+    if isinstance(annotator, AllTokensAnnotator) and args is not None and args.kl_coef > 0:
+        if args.max_routed_fraction is not None:
+            raise ValueError(
+                f"`AllTokensAnnotator` marks every token, but `max_routed_fraction={args.max_routed_fraction}` caps "
+                "the routed tokens of each rollout, so only a prefix of each rollout would be distilled, not all of "
+                "it. Set `max_routed_fraction=None` for the all-token baselines (or use `RandomSpanAnnotator` for a "
+                "25% control)."
+            )
 
 
 def _warn_if_resume_is_inexact(args: TRACEConfig) -> None:

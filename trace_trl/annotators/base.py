@@ -39,6 +39,10 @@ class AnnotationRequest:
             The privileged context of the problem (e.g. a reference solution); never shown to the student.
         metadata (`dict`, *optional*):
             Free-form extras (e.g. the dataset row's answer, the group index).
+        token_offsets (`tuple[tuple[int, int], ...]`, *optional*):
+            The character range of `completion` that each completion token covers (`trace_trl.spans.token_char_offsets`
+            of the rollout's own ids), set by the trainer. The trainer labels every token a span touches, so an
+            annotator that must keep clear of some tokens (the inverted control) reads token boundaries here.
     """
 
     prompt: Prompt
@@ -47,6 +51,7 @@ class AnnotationRequest:
     reward: float
     privileged_context: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    token_offsets: tuple[tuple[int, int], ...] | None = None
 
     @property
     def problem_text(self) -> str:

@@ -50,10 +50,12 @@ def _check_diagnosis(diagnosis: Any) -> None:
 
 
 class AllTokensAnnotator:
-    """One span over the whole completion: the all-token self-OPD baseline.
+    """One span over the whole completion: the all-token baselines.
 
-    With `kl_decay="none"` and this annotator, every token of a correct rollout is distilled (forward KL by default),
-    which is the dense self-OPD setting TRACE is compared against.
+    Every token of a correct rollout is distilled (forward KL by default) only with the coverage cap off
+    (`max_routed_fraction=None`): under a cap the trainer would keep a prefix of each rollout, so `TRACETrainer`
+    refuses this annotator with a cap. With `kl_decay="none"` and `routed_token_grpo="additive"` it is the dense
+    all-token self-OPD baseline TRACE is compared against; with TRACE's schedule, the routing ablation's all-token arm.
 
     Args:
         kind_for_correct (`str` or `None`, *optional*, defaults to `"key"`):
@@ -383,6 +385,17 @@ def _window(gaps: list[tuple[int, int]], offset: int, size: int) -> list[tuple[i
     return pieces
 
 
+def _widen_to_tokens(
+    intervals: list[tuple[int, int]], offsets: Sequence[tuple[int, int]], length: int
+) -> list[tuple[int, int]]:
+    """Merged `intervals` grown by the whole character range of every token that overlaps one of them."""
+    widened = list(intervals)
+    for start, end in offsets:
+        if end > start and any(start < b and a < end for a, b in intervals):
+            widened.append((start, end))
+    return _merge(widened, length)
+
+
 class InvertedSpanAnnotator:
     """The paper's inverted control: as many characters as `fraction` of the rollout, outside the base's spans.
 
@@ -455,6 +468,8 @@ class InvertedSpanAnnotator:
         length = len(request.completion)
         kind = "key" if request.is_correct else "error"
         inside = _merge(((span.start, span.end) for span in reference.spans if span.kind == kind), length)
+        if request.token_offsets is not None:
+            inside = _widen_to_tokens(inside, request.token_offsets, length)
         gaps = _complement(inside, length)
         outside = sum(end - start for start, end in gaps)
         target = round(self.fraction * length)
