@@ -115,7 +115,7 @@ def test_divergence_mode_times_trls_kernel_and_ours_in_one_run_with_ratios(step_
     results = report["results"]
     assert report["config"]["kl_term_clip"] == 0.05 and report["config"]["head_trained"] is True
     assert [(r["tokens"], r["method"]) for r in results] == [
-        (n, m) for n in (5, 12) for m in ("trl", "clipped", "unclipped")
+        (n, m) for n in (5, 12) for m in ("trl", "token", "element", "unclipped")
     ]
     for n in (5, 12):
         rows = {r["method"]: r for r in results if r["tokens"] == n}
@@ -125,8 +125,9 @@ def test_divergence_mode_times_trls_kernel_and_ours_in_one_run_with_ratios(step_
             assert r["cpu_ratio"] == pytest.approx(r["cpu_s"] / rows["trl"]["cpu_s"])
         # Same problem for every kernel: ours unclipped equals TRL's, and the clip can only lower the sum.
         assert rows["unclipped"]["divergence_sum"] == pytest.approx(rows["trl"]["divergence_sum"], rel=1e-5)
-        assert rows["clipped"]["divergence_sum"] < rows["trl"]["divergence_sum"]
-        assert rows["clipped"]["second_pass_rows"] == 0  # LM-like rows need no second pass
+        for clipped in ("token", "element"):
+            assert rows[clipped]["divergence_sum"] < rows["trl"]["divergence_sum"]
+        assert rows["element"]["second_pass_rows"] == 0  # LM-like rows need no second pass
     table = step_benchmark.format_divergence_table(results)
     assert table.splitlines()[0].startswith("| routed tokens | kernel | time (s) |")
     assert len(table.splitlines()) == 2 + len(results)
@@ -139,7 +140,7 @@ def test_divergence_mode_max_ratio_fails_loudly(step_benchmark, monkeypatch):
         "results": [
             {"tokens": 4, "method": m, "time_s": t, "forward_s": t / 2, "time_ratio": t, "peak_mib": 1.0,
              "memory_ratio": 1.0, "cpu_s": t, "cpu_ratio": t, "second_pass_rows": 0}
-            for m, t in (("trl", 1.0), ("clipped", 1.5), ("unclipped", 0.9))
+            for m, t in (("trl", 1.0), ("token", 1.1), ("element", 1.5), ("unclipped", 0.9))
         ],
     }  # fmt: skip
     monkeypatch.setattr(step_benchmark, "run_divergence_benchmark", lambda args: fake)
@@ -148,9 +149,11 @@ def test_divergence_mode_max_ratio_fails_loudly(step_benchmark, monkeypatch):
         step_benchmark.main(["--divergence", "--max-ratio", "1.2"])
 
 
-@pytest.mark.parametrize("clip", ["0.05", "-1"], ids=["clipped", "unclipped"])
-def test_check_mode_trace_equals_dense_on_a_fully_routed_batch(step_benchmark, clip):
-    args = step_benchmark.parse_args([*TINY_ARGS, "--check", "--kl-term-clip", clip])
+@pytest.mark.parametrize(
+    ("clip", "mode"), [("0.05", "token"), ("0.05", "element"), ("-1", "token")], ids=["token", "element", "unclipped"]
+)
+def test_check_mode_trace_equals_dense_on_a_fully_routed_batch(step_benchmark, clip, mode):
+    args = step_benchmark.parse_args([*TINY_ARGS, "--check", "--kl-term-clip", clip, "--kl-clip-mode", mode])
     report = step_benchmark.sanity_check(args)
     assert math.isfinite(report["dense_loss_fully_routed"])
     assert report["max_abs_grad_diff"] <= 1e-4 * max(report["max_abs_grad"], 1e-8)

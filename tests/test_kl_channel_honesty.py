@@ -181,3 +181,31 @@ def test_the_trainer_gives_annotators_the_rollouts_token_boundaries(tiny_model_d
         assert torch.tensor([e for _, e in request.token_offsets]).max().item() == len(request.completion) or not (
             request.completion
         )
+
+
+@pytest.mark.parametrize(("clip", "mode"), [(0.05, "token"), (None, "token"), (1e-3, "token")])
+def test_a_training_step_on_the_kl_channel_alone_lowers_the_true_divergence(
+    tiny_model_dir, tiny_tokenizer, tmp_path, clip, mode
+):
+    """End to end, the direction of the whole channel: all advantages zero (GRPO contributes no gradient), so one
+    optimizer step is a step on the KL alone. The same generation batch is trained on twice (`num_iterations=2`) against
+    the same synced teacher, so the second step sees the same routed tokens: their true (unclipped) divergence must
+    have gone down, whatever the clip bounds."""
+    args = trace_config(
+        tmp_path, kl_term_clip=clip, kl_clip_mode=mode, max_steps=2, num_iterations=2, learning_rate=1e-3,
+        optim="sgd",
+    )  # fmt: skip
+    trainer = make_trainer(tiny_model_dir, tiny_tokenizer, args, reward=constant_reward)
+    seen = []
+    original = trainer._compute_loss
+
+    def recording(model, inputs):
+        loss = original(model, inputs)
+        seen.append(trainer.last_routed_divergences["fkl"].sum().item())
+        return loss
+
+    trainer._compute_loss = recording
+    trainer.train()
+    before, after = seen
+    assert before > 0
+    assert after < before, (before, after)

@@ -1,4 +1,5 @@
-r"""The (optionally pointwise-clipped) full-vocabulary KL from hidden states, tiled so no `[N, V]` tensor exists.
+r"""The full-vocabulary KL from hidden states, with the optional per-entry ("element") clip, tiled so no `[N, V]` tensor
+exists. (The default "token" clip bounds the unclipped result per token: `trace_trl.losses.bound_divergence`.)
 
 For each of `N` positions, with student logits $y^s = h^s W_s^\top + b_s$ and teacher logits $y^t = h^t W_t^\top + b_t$,
 both passed through the model's output transform $z = \sigma(\text{scale} \cdot y) / T$ (where $\sigma(x) = c_{\text{cap}}
