@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .base import Annotation, AnnotationRequest
 from .parsing import AnnotationParseError, AnnotatorStats
-from .prompts import validate_template
+from .prompts import RESPONSE_SCHEMA, segment_response_schema, validate_template
 from .protocol import ProtocolRequest, check_span_format, parse_protocol_answer, protocol_request
 from .segments import DEFAULT_MAX_SEGMENT_CHARS, check_max_segment_chars
 
@@ -57,6 +57,11 @@ class SelfAnnotator:
             `"segments"` (numbered segments, the paper's protocol) or `"quotes"`; see `OpenAIAnnotator`.
         max_segment_chars (`int`, *optional*, defaults to `300`):
             `"segments"` only: lines longer than this are split at sentence ends (`segments.split_segments`).
+        structured_output (`bool`, *optional*, defaults to `True`):
+            With vLLM (colocate), constrain each answer to the protocol's JSON schema, the one `OpenAIAnnotator` sends
+            as `response_format` (vLLM structured outputs, compact JSON): every answer that finishes within
+            `max_new_tokens` parses, even from a policy never taught the format. Hugging Face `generate` has no such
+            constraint and ignores it.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class SelfAnnotator:
         chat_template_kwargs: dict[str, Any] | None = None,
         span_format: str = "segments",
         max_segment_chars: int = DEFAULT_MAX_SEGMENT_CHARS,
+        structured_output: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -86,6 +92,7 @@ class SelfAnnotator:
         self.span_format = check_span_format(span_format)
         check_max_segment_chars(max_segment_chars)
         self.max_segment_chars = max_segment_chars
+        self.structured_output = structured_output
         self._trainer: TRACETrainer | None = None
         self._stats = AnnotatorStats()
 
@@ -139,7 +146,8 @@ class SelfAnnotator:
         outputs: list[str] | None = None
         error = ""
         try:
-            outputs = self._generate(prompts)
+            schemas = [_answer_schema(request, self.span_format) for request in requests]
+            outputs = self._generate(prompts, schemas)
             if len(outputs) != len(requests):
                 raise RuntimeError(f"generation returned {len(outputs)} texts for {len(requests)} prompts")
         except Exception as exc:  # noqa: BLE001 - one rank raising while the others go on would hang the run
@@ -167,13 +175,14 @@ class SelfAnnotator:
         except AnnotationParseError as exc:
             return Annotation.failure(f"unparseable self-annotation: {exc}", usage=usage)
 
-    def _generate(self, prompts: list[AnnotatorPrompt]) -> list[str]:
-        """One answer text per prompt (chat messages or plain text), from vLLM colocate or HF `generate`."""
+    def _generate(self, prompts: list[AnnotatorPrompt], schemas: list[dict[str, Any]] | None = None) -> list[str]:
+        """One answer text per prompt (chat messages or plain text), from vLLM colocate or HF `generate`; `schemas`
+        (one JSON schema per prompt) constrain vLLM's answers when `structured_output` is on."""
         trainer = self._trainer
         texts = [self._render(prompt) for prompt in prompts]
         generation = getattr(trainer, "vllm_generation", None)
         if getattr(trainer, "use_vllm", False) and getattr(generation, "llm", None) is not None:
-            return self._generate_vllm(texts)
+            return self._generate_vllm(texts, schemas if self.structured_output else None)
         return self._generate_hf(texts)
 
     @property
@@ -196,12 +205,24 @@ class SelfAnnotator:
             merged = [{"role": "user", "content": "\n\n".join(message["content"] for message in prompt)}]
             return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True, **kwargs)
 
-    def _vllm_sampling_params(self) -> Any:
+    def _vllm_sampling_params(self, schema: dict[str, Any] | None = None) -> Any:
         from vllm import SamplingParams
 
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens, n=1)
+        structured = None
+        if schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
 
-    def _generate_vllm(self, texts: list[str]) -> list[str]:
+            # Compact JSON: a model that never learnt the format would otherwise spend its tokens on whitespace.
+            structured = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_new_tokens,
+            n=1,
+            structured_outputs=structured,
+        )
+
+    def _generate_vllm(self, texts: list[str], schemas: list[dict[str, Any]] | None = None) -> list[str]:
         generation = self._trainer.vllm_generation
         llm = generation.llm
         tokenizer = self._tokenizer
@@ -212,9 +233,15 @@ class SelfAnnotator:
             if getattr(generation, "_llm_weights_sleeping", False):
                 generation.sync_weights()
             llm.wake_up(tags=["kv_cache"])
-        prompts, own = _gather_tensor_parallel(generation, prompts)
+        if schemas is None:
+            prompts, own = _gather_tensor_parallel(generation, prompts)
+            sampling_params = self._vllm_sampling_params()
+        else:  # one set of sampling parameters per prompt, gathered with it under tensor parallelism
+            pairs, own = _gather_tensor_parallel(generation, list(zip(prompts, schemas)))
+            prompts = [prompt for prompt, _ in pairs]
+            sampling_params = [self._vllm_sampling_params(schema) for _, schema in pairs]
         try:
-            outputs = llm.generate(prompts, self._vllm_sampling_params(), use_tqdm=False)
+            outputs = llm.generate(prompts, sampling_params, use_tqdm=False)
         finally:
             if sleep_mode:
                 llm.sleep(level=2)
@@ -255,6 +282,13 @@ class SelfAnnotator:
             tokenizer.padding_side = padding_side
             model.train(was_training)
         return outputs
+
+
+def _answer_schema(request: AnnotationRequest, span_format: str) -> dict[str, Any]:
+    """The JSON schema an answer about `request` must follow (the `schema` part of what `OpenAIAnnotator` sends)."""
+    if span_format == "segments":
+        return segment_response_schema(request.is_correct)["schema"]
+    return RESPONSE_SCHEMA["schema"]
 
 
 def _gather_tensor_parallel(generation: Any, prompts: list[Any]) -> tuple[list[Any], slice]:
