@@ -172,8 +172,11 @@ def test_vllm_colocate_path_uses_its_own_sampling_params(monkeypatch):
     assert _Tokenizer.rendered[0].startswith("{'a': 1, 'enable_thinking': False}|")
 
 
-def test_vllm_structured_output_sends_each_rollout_its_own_schema(monkeypatch):
-    """With `structured_output` (the default) each prompt gets sampling parameters holding its kind's schema."""
+def test_vllm_structured_output_binds_each_rollout_to_its_own_answers(monkeypatch):
+    """With `structured_output` (the default) each prompt gets its own constraint: compact JSON of the segment schema,
+    only the rollout's segment numbers (at most one entry per segment), only its kind and its kind's labels."""
+    import re
+
     from trace_trl.annotators.prompts import segment_response_schema
 
     seen = []
@@ -181,18 +184,34 @@ def test_vllm_structured_output_sends_each_rollout_its_own_schema(monkeypatch):
     class FakeLLM:
         def generate(self, prompts, sampling_params, use_tqdm):
             seen.append((prompts, sampling_params))
-            return [SimpleNamespace(outputs=[SimpleNamespace(text='{"segments": [], "type": null}')]) for _ in prompts]
+            return [SimpleNamespace(outputs=[SimpleNamespace(text='{"segments":[],"type":null}')]) for _ in prompts]
 
-    monkeypatch.setattr(SelfAnnotator, "_vllm_sampling_params", lambda self, schema=None: {"schema": schema})
+    monkeypatch.setattr(SelfAnnotator, "_vllm_sampling_params", lambda self, constraint=None: constraint)
     generation = SimpleNamespace(llm=FakeLLM(), enable_sleep_mode=False)
     trainer = SimpleNamespace(use_vllm=True, vllm_generation=generation, processing_class=_Tokenizer())
     annotator = SelfAnnotator()
     annotator.bind(trainer)
     annotations = annotator(requests())
     assert [a.error for a in annotations] == [None, None]
-    (prompts, params), = seen
+    ((prompts, (key, error)),) = seen
     assert len(prompts) == 2
-    assert params == [{"schema": segment_response_schema(True)["schema"]}, {"schema": segment_response_schema(False)["schema"]}]
+    key, error = re.compile(key["regex"]), re.compile(error["regex"])
+    assert key.fullmatch('{"segments":[{"id":2,"kind":"key"},{"id":3,"kind":"key"}],"type":"computation"}')
+    assert key.fullmatch('{"segments":[],"type":null}')
+    assert error.fullmatch('{"segments":[{"id":2,"kind":"error"}],"type":"arithmetic_error"}')
+    assert not key.fullmatch('{"segments":[{"id":4,"kind":"key"}],"type":null}'), "the rollout has three segments"
+    assert not key.fullmatch('{"segments":[{"id":1,"kind":"error"}],"type":null}'), "a correct rollout has key spans"
+    assert not error.fullmatch('{"segments":[],"type":"computation"}'), "a key label on an incorrect rollout"
+    assert not key.fullmatch('{"segments": [], "type": null}'), "compact: no whitespace to wander off into"
+    four = ",".join(['{"id":1,"kind":"key"}'] * 4)
+    assert not key.fullmatch('{"segments":[' + four + '],"type":null}'), "at most one entry per segment"
+    for label in segment_response_schema(True)["schema"]["properties"]["type"]["enum"]:
+        assert key.fullmatch('{"segments":[],"type":' + json.dumps(label) + "}")
+    # Switched off, or with the quote protocol (free-text quotes), no regex.
+    annotator = SelfAnnotator(span_format="quotes")
+    annotator.bind(trainer)
+    annotator(requests())
+    assert all(set(c) == {"json"} for c in seen[-1][1])
 
 
 class _Tokenizer:

@@ -7,7 +7,9 @@ rank with that rank's rollouts and adds no collective of its own.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -58,10 +60,10 @@ class SelfAnnotator:
         max_segment_chars (`int`, *optional*, defaults to `300`):
             `"segments"` only: lines longer than this are split at sentence ends (`segments.split_segments`).
         structured_output (`bool`, *optional*, defaults to `True`):
-            With vLLM (colocate), constrain each answer to the protocol's JSON schema, the one `OpenAIAnnotator` sends
-            as `response_format` (vLLM structured outputs, compact JSON): every answer that finishes within
-            `max_new_tokens` parses, even from a policy never taught the format. Hugging Face `generate` has no such
-            constraint and ignores it.
+            With vLLM (colocate), constrain each answer (vLLM structured outputs) to the protocol's JSON, the schema
+            `OpenAIAnnotator` sends as `response_format`, written compactly and narrowed to the rollout's own segment
+            numbers and its kind's labels: every answer parses and is short, even from a policy never taught the
+            format. Hugging Face `generate` has no such constraint and ignores it.
     """
 
     def __init__(
@@ -146,8 +148,8 @@ class SelfAnnotator:
         outputs: list[str] | None = None
         error = ""
         try:
-            schemas = [_answer_schema(request, self.span_format) for request in requests]
-            outputs = self._generate(prompts, schemas)
+            constraints = [_answer_constraint(request, item) for request, item in zip(requests, built)]
+            outputs = self._generate(prompts, constraints)
             if len(outputs) != len(requests):
                 raise RuntimeError(f"generation returned {len(outputs)} texts for {len(requests)} prompts")
         except Exception as exc:  # noqa: BLE001 - one rank raising while the others go on would hang the run
@@ -175,14 +177,14 @@ class SelfAnnotator:
         except AnnotationParseError as exc:
             return Annotation.failure(f"unparseable self-annotation: {exc}", usage=usage)
 
-    def _generate(self, prompts: list[AnnotatorPrompt], schemas: list[dict[str, Any]] | None = None) -> list[str]:
-        """One answer text per prompt (chat messages or plain text), from vLLM colocate or HF `generate`; `schemas`
-        (one JSON schema per prompt) constrain vLLM's answers when `structured_output` is on."""
+    def _generate(self, prompts: list[AnnotatorPrompt], constraints: list[dict[str, Any]] | None = None) -> list[str]:
+        """One answer text per prompt (chat messages or plain text), from vLLM colocate or HF `generate`;
+        `constraints` (one `_answer_constraint` per prompt) bind vLLM's answers when `structured_output` is on."""
         trainer = self._trainer
         texts = [self._render(prompt) for prompt in prompts]
         generation = getattr(trainer, "vllm_generation", None)
         if getattr(trainer, "use_vllm", False) and getattr(generation, "llm", None) is not None:
-            return self._generate_vllm(texts, schemas if self.structured_output else None)
+            return self._generate_vllm(texts, constraints if self.structured_output else None)
         return self._generate_hf(texts)
 
     @property
@@ -205,15 +207,14 @@ class SelfAnnotator:
             merged = [{"role": "user", "content": "\n\n".join(message["content"] for message in prompt)}]
             return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True, **kwargs)
 
-    def _vllm_sampling_params(self, schema: dict[str, Any] | None = None) -> Any:
+    def _vllm_sampling_params(self, constraint: dict[str, Any] | None = None) -> Any:
         from vllm import SamplingParams
 
         structured = None
-        if schema is not None:
+        if constraint is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            # Compact JSON: a model that never learnt the format would otherwise spend its tokens on whitespace.
-            structured = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+            structured = StructuredOutputsParams(**constraint)
         return SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
@@ -222,7 +223,7 @@ class SelfAnnotator:
             structured_outputs=structured,
         )
 
-    def _generate_vllm(self, texts: list[str], schemas: list[dict[str, Any]] | None = None) -> list[str]:
+    def _generate_vllm(self, texts: list[str], constraints: list[dict[str, Any]] | None = None) -> list[str]:
         generation = self._trainer.vllm_generation
         llm = generation.llm
         tokenizer = self._tokenizer
@@ -233,13 +234,13 @@ class SelfAnnotator:
             if getattr(generation, "_llm_weights_sleeping", False):
                 generation.sync_weights()
             llm.wake_up(tags=["kv_cache"])
-        if schemas is None:
+        if constraints is None:
             prompts, own = _gather_tensor_parallel(generation, prompts)
             sampling_params = self._vllm_sampling_params()
         else:  # one set of sampling parameters per prompt, gathered with it under tensor parallelism
-            pairs, own = _gather_tensor_parallel(generation, list(zip(prompts, schemas)))
+            pairs, own = _gather_tensor_parallel(generation, list(zip(prompts, constraints)))
             prompts = [prompt for prompt, _ in pairs]
-            sampling_params = [self._vllm_sampling_params(schema) for _, schema in pairs]
+            sampling_params = [self._vllm_sampling_params(constraint) for _, constraint in pairs]
         try:
             outputs = llm.generate(prompts, sampling_params, use_tqdm=False)
         finally:
@@ -284,11 +285,26 @@ class SelfAnnotator:
         return outputs
 
 
-def _answer_schema(request: AnnotationRequest, span_format: str) -> dict[str, Any]:
-    """The JSON schema an answer about `request` must follow (the `schema` part of what `OpenAIAnnotator` sends)."""
-    if span_format == "segments":
-        return segment_response_schema(request.is_correct)["schema"]
-    return RESPONSE_SCHEMA["schema"]
+def _answer_constraint(request: AnnotationRequest, built: ProtocolRequest) -> dict[str, Any]:
+    """What vLLM's structured outputs must hold an answer about `request` to (`StructuredOutputsParams` fields).
+
+    Segment protocol: a regular expression for the compact JSON of the protocol's schema, narrowed to this rollout's
+    segment numbers (at most as many entries as there are segments) and its kind's labels, so that a
+    constrained model can neither name a segment that does not exist nor write an endless list, number or run of
+    whitespace (a JSON schema would leave whitespace free: vLLM sets that per engine, not per request). Quote protocol:
+    its JSON schema (quotes are free text).
+    """
+    if built.segments is None:
+        return {"json": RESPONSE_SCHEMA["schema"]}
+    schema = segment_response_schema(request.is_correct)["schema"]
+    kind = schema["properties"]["segments"]["items"]["properties"]["kind"]["enum"][0]
+    labels = "|".join(re.escape(json.dumps(label)) for label in schema["properties"]["type"]["enum"])
+    numbers = [segment.index for segment in built.segments]
+    entries = ""
+    if numbers:
+        entry = r'\{"id":(' + "|".join(str(n) for n in numbers) + r'),"kind":' + re.escape(json.dumps(kind)) + r"\}"
+        entries = f"({entry}(,{entry}){{0,{len(numbers) - 1}}})?"
+    return {"regex": r'\{"segments":\[' + entries + r'\],"type":(' + labels + r")\}"}
 
 
 def _gather_tensor_parallel(generation: Any, prompts: list[Any]) -> tuple[list[Any], slice]:
