@@ -190,7 +190,9 @@ def time_training(model_dir: str, args: argparse.Namespace, use_vllm: bool, outp
     trainer.train()
     train_s = time.perf_counter() - started
     history = trainer.state.log_history
-    logp = [e["sampling/sampling_logp_difference/max"] for e in history if "sampling/sampling_logp_difference/max" in e]
+    logp = [
+        e["sampling/sampling_logp_difference/max"] for e in history if "sampling/sampling_logp_difference/max" in e
+    ]
     lengths = [e["completions/mean_length"] for e in history if "completions/mean_length" in e]
     if use_vllm:
         vllm_generation.LLM = original
@@ -247,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             "vllm": {**fast, "engine_start_s": engine_s},
             "ratio_tokens_per_s": fast["tokens_per_s"] / hf["tokens_per_s"],
         }
-        print(f"generation ratio (vLLM / transformers tokens per s): {results['generation']['ratio_tokens_per_s']:.2f}")
+        print(
+            f"generation ratio (vLLM / transformers tokens per s): {results['generation']['ratio_tokens_per_s']:.2f}"
+        )
         if not args.skip_training:
             plain = time_training(model_dir, args, False, os.path.join(folder, "hf"))
             print(f"training, transformers: {plain}", flush=True)
@@ -257,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 "transformers": plain,
                 "vllm": colocated,
                 "ratio_train_s": colocated["train_s"] / plain["train_s"],
-                "ratio_with_startup": (colocated["train_s"] + colocated["init_s"]) / (plain["train_s"] + plain["init_s"]),
+                "ratio_with_startup": (colocated["train_s"] + colocated["init_s"])
+                / (plain["train_s"] + plain["init_s"]),
             }
             print(
                 f"training ratio (vLLM / transformers wall time): {results['training']['ratio_train_s']:.2f} "

@@ -148,7 +148,9 @@ def test_grpo_colocate_full_finetuning(shared_engine, sync_log, vllm_model_dir, 
 
 
 @pytest.mark.parametrize(
-    ("peft", "teacher_kind"), [(False, "synced"), (True, "ema"), (True, "synced")], ids=["full-synced", "lora-ema", "lora-synced"]
+    ("peft", "teacher_kind"),
+    [(False, "synced"), (True, "ema"), (True, "synced")],
+    ids=["full-synced", "lora-ema", "lora-synced"],
 )
 def test_trace_colocate(shared_engine, sync_log, vllm_model_dir, tiny_tokenizer, tmp_path, peft, teacher_kind):
     from trace_trl import TRACETrainer
@@ -213,7 +215,9 @@ def test_self_annotator_generates_through_the_colocated_engine(
 
     paths: list[str] = []
     generate_vllm, generate_hf = SelfAnnotator._generate_vllm, SelfAnnotator._generate_hf
-    monkeypatch.setattr(SelfAnnotator, "_generate_vllm", lambda self, *a: paths.append("vllm") or generate_vllm(self, *a))
+    monkeypatch.setattr(
+        SelfAnnotator, "_generate_vllm", lambda self, *a: paths.append("vllm") or generate_vllm(self, *a)
+    )
     monkeypatch.setattr(SelfAnnotator, "_generate_hf", lambda self, *a: paths.append("hf") or generate_hf(self, *a))
     annotator = SelfAnnotator(max_new_tokens=256, temperature=1.0)
     args = trace_config(tmp_path, max_steps=2, teacher_kind="synced", **VLLM_ARGS)
@@ -258,7 +262,11 @@ def test_without_the_fix_trl_weight_sync_crashes(vllm_model_dir, tmp_path):
     path = tmp_path / "no_fix.py"
     path.write_text(script)
     # Not the rendezvous variables TRL's colocate mode set in this process: the child is a fresh single process.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=900, env=env)
     output = result.stdout + result.stderr
     assert result.returncode != 0, "TRL's weight sync worked without the fix: vLLM changed, revisit trace_trl.vllm_cpu"

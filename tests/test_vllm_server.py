@@ -77,7 +77,7 @@ def vllm_server(tmp_path_factory, tiny_tokenizer):
         "4096",
         # Compact JSON: vLLM sets structured-output whitespace per server, and a random model wanders into it.
         "--structured-outputs-config",
-        '{"disable_any_whitespace": true}',
+        '{"backend": "xgrammar", "disable_any_whitespace": true}',
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with open(log_path, "w") as log:
