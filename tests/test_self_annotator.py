@@ -174,7 +174,7 @@ def test_vllm_colocate_path_uses_its_own_sampling_params(monkeypatch):
 
 def test_vllm_structured_output_binds_each_rollout_to_its_own_answers(monkeypatch):
     """With `structured_output` (the default) each prompt gets its own constraint: compact JSON of the segment schema,
-    only the rollout's segment numbers (at most one entry per segment), only its kind and its kind's labels."""
+    only the rollout's segment numbers, only its kind and its kind's labels, at most as many entries as asked for."""
     import re
 
     from trace_trl.annotators.prompts import segment_response_schema
@@ -207,7 +207,13 @@ def test_vllm_structured_output_binds_each_rollout_to_its_own_answers(monkeypatc
     assert not key.fullmatch('{"segments":[' + four + '],"type":null}'), "at most one entry per segment"
     for label in segment_response_schema(True)["schema"]["properties"]["type"]["enum"]:
         assert key.fullmatch('{"segments":[],"type":' + json.dumps(label) + "}")
-    # Switched off, or with the quote protocol (free-text quotes), no regex.
+    annotator = SelfAnnotator(max_key_spans=1)
+    annotator.bind(trainer)
+    annotator(requests())
+    key = re.compile(seen[-1][1][0]["regex"])
+    assert key.fullmatch('{"segments":[{"id":2,"kind":"key"}],"type":null}')
+    assert not key.fullmatch('{"segments":[{"id":2,"kind":"key"},{"id":3,"kind":"key"}],"type":null}'), "max_key_spans"
+    # With the quote protocol (free-text quotes), its JSON schema.
     annotator = SelfAnnotator(span_format="quotes")
     annotator.bind(trainer)
     annotator(requests())

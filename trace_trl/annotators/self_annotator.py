@@ -148,7 +148,7 @@ class SelfAnnotator:
         outputs: list[str] | None = None
         error = ""
         try:
-            constraints = [_answer_constraint(request, item) for request, item in zip(requests, built)]
+            constraints = [_answer_constraint(r, item, self.max_key_spans) for r, item in zip(requests, built)]
             outputs = self._generate(prompts, constraints)
             if len(outputs) != len(requests):
                 raise RuntimeError(f"generation returned {len(outputs)} texts for {len(requests)} prompts")
@@ -285,14 +285,20 @@ class SelfAnnotator:
         return outputs
 
 
-def _answer_constraint(request: AnnotationRequest, built: ProtocolRequest) -> dict[str, Any]:
+# Most entries a constrained answer about an incorrect rollout may list (the prompt asks for the localized error,
+# "usually one segment"); a correct rollout's answer may list `max_key_spans`, as its prompt asks.
+MAX_CONSTRAINED_ERROR_SEGMENTS = 8
+
+
+def _answer_constraint(request: AnnotationRequest, built: ProtocolRequest, max_key_spans: int) -> dict[str, Any]:
     """What vLLM's structured outputs must hold an answer about `request` to (`StructuredOutputsParams` fields).
 
     Segment protocol: a regular expression for the compact JSON of the protocol's schema, narrowed to this rollout's
-    segment numbers (at most as many entries as there are segments) and its kind's labels, so that a
-    constrained model can neither name a segment that does not exist nor write an endless list, number or run of
-    whitespace (a JSON schema would leave whitespace free: vLLM sets that per engine, not per request). Quote protocol:
-    its JSON schema (quotes are free text).
+    segment numbers, its kind and its kind's labels, with at most as many entries as there are segments and as the
+    prompt asks for (`max_key_spans`, `MAX_CONSTRAINED_ERROR_SEGMENTS`), so that a constrained model can neither name a
+    segment that does not exist nor write an endless list, number or run of whitespace (a JSON schema would leave
+    whitespace free: vLLM sets that per engine, not per request). Quote protocol: its JSON schema (quotes are free
+    text).
     """
     if built.segments is None:
         return {"json": RESPONSE_SCHEMA["schema"]}
@@ -303,7 +309,8 @@ def _answer_constraint(request: AnnotationRequest, built: ProtocolRequest) -> di
     entries = ""
     if numbers:
         entry = r'\{"id":(' + "|".join(str(n) for n in numbers) + r'),"kind":' + re.escape(json.dumps(kind)) + r"\}"
-        entries = f"({entry}(,{entry}){{0,{len(numbers) - 1}}})?"
+        most = min(len(numbers), max_key_spans if request.is_correct else MAX_CONSTRAINED_ERROR_SEGMENTS)
+        entries = f"({entry}(,{entry}){{0,{most - 1}}})?" if most > 0 else ""
     return {"regex": r'\{"segments":\[' + entries + r'\],"type":(' + labels + r")\}"}
 
 
