@@ -8,7 +8,8 @@ for both backends; ratios are vLLM over `transformers`, measured in the same run
 1. generation: `--prompts` prompts, `--new-tokens` sampled tokens each (no early stop, temperature 1), all prompts in
    one batch; Hugging Face `model.generate` vs `vllm.LLM.generate` with `trace_trl.vllm_cpu.use_live_weights()`
    applied (what TRACETrainer runs). Median of `--repeats` after one warm-up; tokens per second.
-2. training: `TRACETrainer.train()` for `--steps` optimizer steps (random-span annotations, synced teacher, fp32),
+2. training: `TRACETrainer.train()` for `--steps` optimizer steps (TRACE-RKL on random spans: the random model's
+   rollouts are all incorrect; synced teacher, fp32),
    `use_vllm=False` vs `use_vllm=True, vllm_mode="colocate"`; the engine's start-up is reported apart (it is paid
    once per run, about 20 s once vLLM's compile cache is warm, about 2 minutes the first time).
 
@@ -174,6 +175,9 @@ def time_training(model_dir: str, args: argparse.Namespace, use_vllm: bool, outp
         report_to="none",
         save_strategy="no",
         teacher_kind="synced",
+        # TRACE-RKL: a random model's rollouts are all incorrect, so the KL channel runs on their error spans.
+        key_span_action="grpo",
+        error_span_action="rkl",
         kl_warmup_steps=args.steps,
         **vllm_fields,
     )
@@ -194,6 +198,7 @@ def time_training(model_dir: str, args: argparse.Namespace, use_vllm: bool, outp
         e["sampling/sampling_logp_difference/max"] for e in history if "sampling/sampling_logp_difference/max" in e
     ]
     lengths = [e["completions/mean_length"] for e in history if "completions/mean_length" in e]
+    routed = [e["trace/routed_token_frac"] for e in history if e.get("trace/routed_token_frac") is not None]
     if use_vllm:
         vllm_generation.LLM = original
     return {
@@ -202,6 +207,7 @@ def time_training(model_dir: str, args: argparse.Namespace, use_vllm: bool, outp
         "s_per_step": train_s / args.steps,
         "mean_completion_length": statistics.mean(lengths) if lengths else float("nan"),
         "sampling_logp_difference_max": max(logp) if logp else None,
+        "routed_token_frac": statistics.mean(routed) if routed else 0.0,
     }
 
 
