@@ -3,7 +3,7 @@ self-annotation through the engine.
 
 Marked `vllm`; runs only where vLLM is installed, in its own virtual environment (see docs/scaling.md and `.ci/run`):
 
-    python -m pytest -m vllm tests/test_vllm_engine.py tests/test_vllm_server.py
+    python -m pytest -m vllm tests/test_vllm_engine.py tests/test_vllm_server.py tests/test_vllm_demo.py
 
 One engine serves the whole module: TRL's `VLLMGeneration` builds `vllm.LLM` once per trainer, and each engine start
 costs 20 s to 2 min on CPU, so `shared_engine` hands every trainer the same real engine. That is sound because TRL
