@@ -3,7 +3,8 @@ self-annotation through the engine.
 
 Marked `vllm`; runs only where vLLM is installed, in its own virtual environment (see docs/scaling.md and `.ci/run`):
 
-    python -m pytest -m vllm tests/test_vllm_engine.py tests/test_vllm_server.py tests/test_vllm_demo.py
+    python -m pytest -m vllm tests/test_vllm_engine.py tests/test_vllm_server.py
+    python -m pytest -m vllm tests/test_vllm_demo.py
 
 One engine serves the whole module: TRL's `VLLMGeneration` builds `vllm.LLM` once per trainer, and each engine start
 costs 20 s to 2 min on CPU, so `shared_engine` hands every trainer the same real engine. That is sound because TRL
@@ -17,6 +18,7 @@ AVX512-BF16 or AMX; elsewhere vLLM falls back to `F.linear` by itself).
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import math
 import os
@@ -82,6 +84,9 @@ def shared_engine():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(vllm_generation, "LLM", engine)
         yield engine
+    # Torn down now, not by a later garbage collection in the middle of another module's engine start-up.
+    engine.llm = None
+    gc.collect()
 
 
 def _expected_engine_weights(model) -> dict[str, torch.Tensor]:

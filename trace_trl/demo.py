@@ -20,6 +20,7 @@ One seed of a tiny model is an illustration, not evidence: the replication study
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import random
@@ -319,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_problems,
         os.path.join(args.output_dir, "grpo-model"),
     )
+    # With --vllm: the GRPO run's engine is torn down before TRACE's is built (a late teardown breaks the new one).
+    gc.collect()
     # Where it matters in "7 + 5 = 12. \boxed{12}": the computed result and the boxed answer. In correct rollouts
     # they are key spans, distilled from the teacher with forward KL (the paper's TRACE-FKL); incorrect rollouts train
     # as GRPO.
