@@ -85,7 +85,7 @@ def test_api_key_reaches_no_log_config_checkpoint_or_model_card(tiny_model_dir, 
 class _ScriptedSelfAnnotator(SelfAnnotator):
     """A test double of the generation backend: answers with a quote of each rollout's first characters."""
 
-    def _generate(self, prompts):
+    def _generate(self, prompts, schemas=None):
         from fake_openai_server import extract_rollout
 
         replies = []

