@@ -481,9 +481,10 @@ def test_training_goes_on_when_the_server_answers_html_for_some_requests(tiny_mo
     from trainer_helpers import make_trainer, trace_config
 
     with FakeOpenAIServer() as server:
-        server.plan = ["html_200", "ok", "html_200"]  # one request at a time: the first and third get a proxy page
+        # The preflight, then one request at a time: the first and third get a proxy page.
+        server.plan = ["ok", "html_200", "ok", "html_200"]
         annotator = fast_annotator(server, max_concurrency=1)
-        args = trace_config(tmp_path, max_steps=1, teacher_kind="live")
+        args = trace_config(tmp_path, max_steps=1, teacher_kind="live", annotate_unrouted_kinds=True)
         trainer = make_trainer(tiny_model_dir, tiny_tokenizer, args, annotator)
         trainer.train()
         asked = server.count

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import Annotation, AnnotationRequest
+from .base import Annotation, AnnotationRequest, AnnotatorPreflightError
 from .cache import AnnotationCache, request_cache_key
 from .parsing import MAX_ANSWER_CHARS, AnnotationParseError, AnnotatorStats, AnswerTooLongError, strip_think_blocks
 from .prompts import (
@@ -48,6 +48,16 @@ REASK_MESSAGE = (
     '{"spans": [{"quote": "...", "kind": "key" or "error"}], "diagnosis": "<label>" or null}'
 )
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+TOKEN_LIMIT_PARAMS: tuple[str, ...] = ("max_tokens", "max_completion_tokens")
+# The rollout `OpenAIAnnotator.preflight` asks about: small (a few hundred prompt tokens), correct, with a key step.
+PREFLIGHT_REQUEST = AnnotationRequest(
+    prompt="What is 17 + 25?",
+    completion="We add the units: 7 + 5 = 12, write 2 and carry 1.\nThen the tens: 1 + 2 + 1 = 4.\nSo the answer is "
+    "\\boxed{42}.",
+    is_correct=True,
+    reward=1.0,
+    privileged_context="17 + 25 = 42.",
+)
 
 
 class OpenAIAnnotator:
@@ -88,10 +98,15 @@ class OpenAIAnnotator:
             System message replacing `prompts.SYSTEM_PROMPT`.
         max_key_spans (`int`, *optional*, defaults to `3`):
             Most key steps asked for in a correct rollout.
-        temperature (`float`, *optional*, defaults to `0.0`):
-            Sampling temperature of the annotator.
-        max_tokens (`int`, *optional*, defaults to `1024`):
-            Most tokens in the annotator's answer.
+        temperature (`float` or `None`, *optional*, defaults to `0.0`):
+            Sampling temperature of the annotator; `None` sends no `temperature` (the server's default). OpenAI's
+            reasoning models (o-series, gpt-5) reject any value but their default: use `None` for them.
+        max_tokens (`int` or `None`, *optional*, defaults to `1024`):
+            Most tokens in the annotator's answer, sent under the name `token_limit_param`; `None` sends no limit.
+            A reasoning model's hidden reasoning counts against it: give such models several thousand.
+        token_limit_param (`str`, *optional*, defaults to `"max_tokens"`):
+            Request field that carries `max_tokens`: `"max_tokens"` (every OpenAI-compatible server) or
+            `"max_completion_tokens"` (what OpenAI documents, and the only one its reasoning models accept).
         use_json_schema (`bool`, *optional*, defaults to `True`):
             Send `response_format={"type": "json_schema", ...}`. A server that rejects it (HTTP 400 mentioning
             `response_format` or `json_schema`) is asked again without it, and never again with it.
@@ -126,8 +141,9 @@ class OpenAIAnnotator:
         prompt_template: str | None = None,
         system_prompt: str | None = None,
         max_key_spans: int = 3,
-        temperature: float = 0.0,
-        max_tokens: int = 1024,
+        temperature: float | None = 0.0,
+        max_tokens: int | None = 1024,
+        token_limit_param: str = "max_tokens",
         use_json_schema: bool = True,
         reask_on_malformed: bool = False,
         extra_body: dict[str, Any] | None = None,
@@ -145,6 +161,14 @@ class OpenAIAnnotator:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
         if max_answer_chars < 1:
             raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}.")
+        if token_limit_param not in TOKEN_LIMIT_PARAMS:
+            raise ValueError(
+                f"token_limit_param must be one of {', '.join(TOKEN_LIMIT_PARAMS)}, got {token_limit_param!r}."
+            )
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive integer or None (no limit sent), got {max_tokens!r}.")
+        if temperature is not None and not 0.0 <= float(temperature) <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2] or None (not sent), got {temperature!r}.")
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
@@ -159,6 +183,7 @@ class OpenAIAnnotator:
         self.max_key_spans = max_key_spans
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.token_limit_param = token_limit_param
         self.use_json_schema = use_json_schema
         self.reask_on_malformed = reask_on_malformed
         self.extra_body = dict(extra_body or {})
@@ -196,6 +221,7 @@ class OpenAIAnnotator:
         self._api_key = os.environ.get(self.api_key_env)
         self.__dict__.setdefault("max_answer_chars", MAX_ANSWER_CHARS)
         self.__dict__.setdefault("_structured_output_ignored", False)
+        self.__dict__.setdefault("token_limit_param", "max_tokens")
 
     def redact(self, text: str) -> str:
         """`text` without the API key (or a fragment of it) or any other credential; see `redaction.redact`."""
@@ -221,6 +247,7 @@ class OpenAIAnnotator:
                     if self.use_json_schema
                     else None,
                     "extra_body": self.extra_body,
+                    **self._limit_fingerprint(),
                 },
                 sort_keys=True,
                 default=str,
@@ -233,10 +260,16 @@ class OpenAIAnnotator:
                 "max_tokens": self.max_tokens,
                 "schema": RESPONSE_SCHEMA if self.use_json_schema else None,
                 "extra_body": self.extra_body,
+                **self._limit_fingerprint(),
             },
             sort_keys=True,
             default=str,
         )
+
+    def _limit_fingerprint(self) -> dict[str, str]:
+        # Only a non-default name enters the fingerprint, so caches written before the option existed stay valid.
+        limit = getattr(self, "token_limit_param", "max_tokens")
+        return {} if limit == "max_tokens" else {"token_limit_param": limit}
 
     # --- metrics ---------------------------------------------------------------------------------------------------
 
@@ -256,19 +289,68 @@ class OpenAIAnnotator:
     def reset_metrics(self) -> None:
         self._stats.reset()
 
+    # --- preflight ---------------------------------------------------------------------------------------------------
+
+    def preflight(self) -> Annotation:
+        """Send one annotation request (a tiny correct rollout, never cached or counted in `metrics()`) with this
+        annotator's exact settings, and raise when the server cannot serve a run.
+
+        Raises:
+            `AnnotatorPreflightError`: the server is unreachable or times out (after the retries), answers something
+            that is not a chat completion, or rejects the request (HTTP 4xx, e.g. a reasoning model refusing
+            `temperature` or `max_tokens`); the message holds the (redacted) cause and what to do.
+
+        An answer that arrives but is not a usable annotation only warns: the server works, the model's answers may
+        still parse on real rollouts (see `annotator/format_failures` during training).
+        """
+        stats, self._stats = self._stats, AnnotatorStats()  # the check is not part of the run's totals
+        try:
+            annotation = self._run_in_own_loop(self._preflight_once())
+        finally:
+            self._stats = stats
+        if not annotation.failed:
+            return annotation
+        usage = annotation.usage
+        if usage.get("format_failures") or usage.get("answers_too_long"):
+            logger.warning(
+                "Annotator preflight: the server at %s answered, but not with a usable annotation (%s). Training "
+                "starts; watch annotator/format_failures, and consider reask_on_malformed=True or another prompt.",
+                self.base_url or "the OpenAI API",
+                annotation.error,
+            )
+            return annotation
+        raise AnnotatorPreflightError(
+            f"The annotator server failed its one-request check before training (model {self.model!r} at "
+            f"{self.base_url or 'the OpenAI API'}): {annotation.error}. Nothing was trained. Fix the server, "
+            "`base_url`, model or request settings (reasoning models: `temperature=None`, "
+            "`token_limit_param='max_completion_tokens'`); try it with `trace-trl annotate --limit 5`; or skip this "
+            "check with `annotation_preflight=False`."
+        )
+
+    async def _preflight_once(self) -> Annotation:
+        client = self._make_client()
+        try:
+            return await self._annotate_guarded(client, asyncio.Semaphore(1), PREFLIGHT_REQUEST)
+        finally:
+            await client.close()
+
+    @staticmethod
+    def _run_in_own_loop(coroutine: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coroutine)
+        # Called from inside an event loop (Jupyter): run ours in a worker thread rather than nest loops.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-annotator") as pool:
+            return pool.submit(asyncio.run, coroutine).result()
+
     # --- annotation --------------------------------------------------------------------------------------------------
 
     def __call__(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
         requests = list(requests)
         if not requests:
             return []
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.acall(requests))
-        # Called from inside an event loop (Jupyter): run ours in a worker thread rather than nest loops.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-annotator") as pool:
-            return pool.submit(asyncio.run, self.acall(requests)).result()
+        return self._run_in_own_loop(self.acall(requests))
 
     async def acall(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
         """Annotate `requests` concurrently; one annotation per request, in order. Never raises for a bad answer."""
@@ -327,13 +409,12 @@ class OpenAIAnnotator:
     def _request_kwargs(
         self, messages: list[dict[str, str]], with_schema: bool, schema: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "timeout": self.timeout,
-        }
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "timeout": self.timeout}
+        # Omitted when `None`: reasoning models reject a non-default temperature and the `max_tokens` name.
+        if self.temperature is not None:
+            kwargs["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            kwargs[self.token_limit_param] = self.max_tokens
         if with_schema:
             kwargs["response_format"] = {"type": "json_schema", "json_schema": schema or RESPONSE_SCHEMA}
         if self.extra_body:
@@ -433,7 +514,10 @@ class OpenAIAnnotator:
             except AnnotationParseError as exc:
                 hint = ""
                 if answer.finish_reason == "length":
-                    hint = f" (the answer was cut at max_tokens={self.max_tokens}: raise max_tokens)"
+                    hint = (
+                        f" (the answer was cut at {self.token_limit_param}={self.max_tokens}: raise max_tokens; a "
+                        "reasoning model's hidden reasoning counts against it)"
+                    )
                 elif with_schema and not strip_think_blocks(text).lstrip().startswith("{"):
                     self._note_structured_output_ignored()
                     hint = (
