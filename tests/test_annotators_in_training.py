@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from fake_openai_server import FakeOpenAIServer
-from trainer_helpers import make_trainer, trace_config
+import torch
+from trainer_helpers import make_trainer, math_dataset, trace_config
 
 from trace_trl.annotators import Annotation, OpenAIAnnotator, SelfAnnotator
 from trace_trl.annotators.base import AnnotatorPreflightError
@@ -234,3 +235,42 @@ def test_bound_self_annotator_drives_routing_in_a_real_run(tiny_model_dir, tiny_
     skipped = sum(_logged(trainer, "trace/annotation_skipped"))
     assert sent + skipped == 8.0, "two batches of four rollouts"
     assert _logged(trainer, "annotator/requests")[-1] == sent, "only the rollouts whose kind is routed are asked about"
+
+
+def _half_correct(completions, **kwargs):
+    return [1.0 if i % 2 == 0 else 0.0 for i in range(len(completions))]
+
+
+@pytest.mark.parametrize(
+    ("preset", "actions"),
+    [("TRACE-FKL", dict(key_span_action="fkl", error_span_action="grpo")),
+     ("TRACE-RKL", dict(key_span_action="grpo", error_span_action="rkl"))],
+)
+def test_only_rollouts_whose_kind_is_routed_are_sent_and_cached(tiny_model_dir, tiny_tokenizer, tmp_path, preset, actions):
+    """On a batch with mixed correctness, each paper preset asks about half the rollouts (it used to ask about all)."""
+    from trace_trl.annotators.cache import AnnotationCache
+
+    counts = {}
+    for send_all in (True, False):
+        with FakeOpenAIServer() as server:
+            annotator = _annotator(server, cache_dir=tmp_path / f"cache-{send_all}")
+            args = trace_config(
+                tmp_path, per_device_train_batch_size=8, annotate_unrouted_kinds=send_all, **actions
+            )
+            trainer = make_trainer(tiny_model_dir, tiny_tokenizer, args, annotator, reward=_half_correct)
+            trainer.model.train()
+            torch.manual_seed(0)
+            trainer._generate_and_score_completions([math_dataset()[0]] * 4 + [math_dataset()[1]] * 4)
+            asked = [r for r in server.requests]
+            counts[send_all] = len(asked)
+            metrics = trainer._metrics["train"]
+            verdicts = {"Verdict: CORRECT" in r.user_message for r in asked}
+            cached = len(AnnotationCache(tmp_path / f"cache-{send_all}"))
+        if not send_all:
+            assert verdicts == {actions["key_span_action"] != "grpo"}, "only the routed kind is asked about"
+            assert metrics["trace/annotation_skipped"][-1] == 4 and metrics["trace/annotation_requests"][-1] == 4
+            records = trainer._batch_builder.last_batch
+            assert sum(not r.annotated for r in records) == 4
+        assert cached == counts[send_all], "the cache holds exactly what was asked"
+    print(f"{preset}: {counts[True]} requests before, {counts[False]} after")
+    assert counts[True] == 8 and counts[False] == 4

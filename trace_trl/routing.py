@@ -260,6 +260,20 @@ def explain_unrouted(totals: Mapping[str, float], key_span_action: str, error_sp
             "the annotator's spans were all of the kind the rollout's correctness drops (key spans in incorrect "
             "rollouts, error spans in correct ones; see `trace/dropped_spans`)"
         )
+    elif routes_error and not routes_key:
+        cause = (
+            "the annotator marked no error span in the incorrect rollouts it was sent: this run routes only error "
+            "spans of incorrect rollouts (`key_span_action` is 'grpo', e.g. the TRACE-RKL preset), so correct "
+            "rollouts are not even sent. Have the annotator mark error spans (regex: `regex_error_patterns`, e.g. "
+            "BOXED for the wrong final answer), or route key spans (`key_span_action: fkl`)"
+        )
+    elif routes_key and not routes_error:
+        cause = (
+            "the annotator marked no key span in the correct rollouts it was sent: this run routes only key spans of "
+            "correct rollouts (`error_span_action` is 'grpo', e.g. the TRACE-FKL preset), so incorrect rollouts are "
+            "not even sent. Have the annotator mark key spans (regex: `regex_key_patterns`; is `\\boxed{}` reached "
+            "within `max_completion_length`?), or route error spans (`error_span_action: rkl`)"
+        )
     else:
         cause = (
             "the annotator marked no span (regex: do the patterns match these rollouts, e.g. is `\\boxed{}` reached "
