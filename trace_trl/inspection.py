@@ -381,6 +381,16 @@ def _build_from_flags(args: argparse.Namespace) -> Any:
 ANNOTATORS: dict[str, Callable[[argparse.Namespace], Any]] = {name: _build_from_flags for name in annotator_choices()}
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in `--help`, unless its help text already says it (`default ...`, `None: ...`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or "(None:" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def _annotate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trace-trl annotate",
@@ -395,15 +405,17 @@ def _annotate_parser() -> argparse.ArgumentParser:
         "gets a row. Exit status 1 when every annotation sent failed, with the most common error on stderr; 0 "
         "otherwise. Smoke test before a paid run: `trace-trl annotate rollouts.jsonl -o a.jsonl --limit 5 --model "
         "...` on rollouts written by a run with `--dump_rollouts rollouts.jsonl`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument("source", help="a .jsonl/.json file, or a Hub dataset name")
     parser.add_argument("-o", "--output", required=True, help="where to write the annotations (JSONL)")
     data = parser.add_argument_group("data")
     data.add_argument("--split", default="train", help="dataset split (Hub datasets)")
     data.add_argument("--config", default=None, help="dataset configuration (Hub datasets)")
-    data.add_argument("--prompt-column", default="prompt")
-    data.add_argument("--completion-column", default="completion")
+    data.add_argument("--prompt-column", default="prompt", help="column of the problem (text or chat messages)")
+    data.add_argument(
+        "--completion-column", default="completion", help="column of the rollout text (what the spans index)"
+    )
     data.add_argument(
         "--correct-column", default="is_correct", help="booleans, rewards (see --correct-threshold) or strings"
     )
@@ -499,11 +511,25 @@ def _annotate_parser() -> argparse.ArgumentParser:
         help="environment variable holding the API key [annotator_api_key_env]",
     )
     api.add_argument(
-        "--max-concurrency", dest="annotator_max_concurrency", type=int, default=defaults["annotator_max_concurrency"]
+        "--max-concurrency",
+        dest="annotator_max_concurrency",
+        type=int,
+        default=defaults["annotator_max_concurrency"],
+        help="requests in flight at once [annotator_max_concurrency]",
     )
-    api.add_argument("--timeout", dest="annotator_timeout", type=float, default=defaults["annotator_timeout"])
     api.add_argument(
-        "--max-retries", dest="annotator_max_retries", type=int, default=defaults["annotator_max_retries"]
+        "--timeout",
+        dest="annotator_timeout",
+        type=float,
+        default=defaults["annotator_timeout"],
+        help="seconds per attempt [annotator_timeout]",
+    )
+    api.add_argument(
+        "--max-retries",
+        dest="annotator_max_retries",
+        type=int,
+        default=defaults["annotator_max_retries"],
+        help="retries on 429/5xx/timeouts/dropped connections [annotator_max_retries]",
     )
     api.add_argument(
         "--cache-dir",
