@@ -532,3 +532,31 @@ def test_reasoning_and_protocol_settings_reach_the_annotator_from_recipes_and_th
     assert no_limit.max_tokens is None
     with pytest.raises(ValueError, match="annotator_prompt_template.*does not exist"):
         build_annotator(TraceScriptArguments(annotator="openai", annotator_model="m", annotator_prompt_template="missing.txt"))
+
+
+def test_one_client_serves_every_call_and_copies_make_their_own(server, monkeypatch):
+    """Building a client loads the CA bundle (~0.1 s) and opens new connections: the synchronous API keeps one."""
+    annotator = fast_annotator(server)
+    made = []
+    original = OpenAIAnnotator._make_client
+
+    def counting(self):
+        made.append(self)
+        return original(self)
+
+    monkeypatch.setattr(OpenAIAnnotator, "_make_client", counting)
+    for _ in range(3):
+        (annotation,) = annotator([make_request()])
+        assert not annotation.failed
+    assert len(made) == 1
+    clone = pickle.loads(pickle.dumps(annotator))
+    assert not clone([make_request()])[0].failed and len(made) == 2, "a copy makes its own client"
+
+    async def inside_a_running_loop():
+        return annotator([make_request()])
+
+    assert not asyncio.run(inside_a_running_loop())[0].failed and len(made) == 2
+    annotator.close()
+    assert not annotator([make_request()])[0].failed and len(made) == 3, "usable again after close()"
+    annotator.close()
+    clone.close()

@@ -9,14 +9,15 @@ disk so that a rerun or a resumed run never pays twice. Install with `pip instal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,6 +199,9 @@ class OpenAIAnnotator:
         # Set (and warned about, once) the first time an answer to a request with response_format is not JSON.
         self._structured_output_ignored = False
         self._stats = AnnotatorStats()
+        # The annotator's own event loop and the client that lives in it (made on the first call).
+        self._runner: _LoopThread | None = None
+        self._client: openai.AsyncOpenAI | None = None
 
     # --- what may and may not leave the process ------------------------------------------------------------------
 
@@ -214,6 +218,8 @@ class OpenAIAnnotator:
         # environment on unpickling.
         state = self.__dict__.copy()
         state.pop("_api_key", None)
+        # A thread, its loop and open connections cannot be copied: a copy makes its own on first use.
+        state["_runner"], state["_client"] = None, None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -222,6 +228,8 @@ class OpenAIAnnotator:
         self.__dict__.setdefault("max_answer_chars", MAX_ANSWER_CHARS)
         self.__dict__.setdefault("_structured_output_ignored", False)
         self.__dict__.setdefault("token_limit_param", "max_tokens")
+        self.__dict__.setdefault("_runner", None)
+        self.__dict__.setdefault("_client", None)
 
     def redact(self, text: str) -> str:
         """`text` without the API key (or a fragment of it) or any other credential; see `redaction.redact`."""
@@ -328,21 +336,13 @@ class OpenAIAnnotator:
         )
 
     async def _preflight_once(self) -> Annotation:
-        client = self._make_client()
-        try:
-            return await self._annotate_guarded(client, asyncio.Semaphore(1), PREFLIGHT_REQUEST)
-        finally:
-            await client.close()
+        return await self._annotate_guarded(self._shared_client(), asyncio.Semaphore(1), PREFLIGHT_REQUEST)
 
-    @staticmethod
-    def _run_in_own_loop(coroutine: Any) -> Any:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coroutine)
-        # Called from inside an event loop (Jupyter): run ours in a worker thread rather than nest loops.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-annotator") as pool:
-            return pool.submit(asyncio.run, coroutine).result()
+    def _run_in_own_loop(self, coroutine: Any) -> Any:
+        """Run `coroutine` in the annotator's own event loop (a daemon thread), whatever loop the caller runs (Jupyter)."""
+        if self._runner is None or not self._runner.usable():
+            self._runner, self._client = _LoopThread(), None  # after a fork the parent's loop thread is gone
+        return self._runner.run(coroutine)
 
     # --- annotation --------------------------------------------------------------------------------------------------
 
@@ -350,10 +350,35 @@ class OpenAIAnnotator:
         requests = list(requests)
         if not requests:
             return []
-        return self._run_in_own_loop(self.acall(requests))
+        return self._run_in_own_loop(self._acall_with_shared_client(requests))
+
+    async def _acall_with_shared_client(self, requests: list[AnnotationRequest]) -> list[Annotation]:
+        return await self._acall(requests, self._shared_client())
+
+    def _shared_client(self) -> openai.AsyncOpenAI:
+        """The client of the annotator's own loop, made on first use. Building one costs a CA-bundle load (about 0.1
+        s of CPU) and each call with a fresh one opened new connections (a TLS handshake each, to a remote API); it
+        and its keep-alive connections now last across calls."""
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    def close(self) -> None:
+        """Close the shared client and stop the annotator's event loop (both are made again if it is called again)."""
+        runner, client = self._runner, self._client
+        self._runner, self._client = None, None
+        if runner is not None:
+            runner.stop(client)
 
     async def acall(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
-        """Annotate `requests` concurrently; one annotation per request, in order. Never raises for a bad answer."""
+        """Annotate `requests` concurrently; one annotation per request, in order. Never raises for a bad answer.
+
+        Runs in the caller's event loop with a client of its own (closed at the end); the synchronous call instead
+        reuses one client and its connections across calls, in the annotator's own loop.
+        """
+        return await self._acall(requests, None)
+
+    async def _acall(self, requests: Sequence[AnnotationRequest], client: openai.AsyncOpenAI | None) -> list[Annotation]:
         requests = list(requests)
         fingerprint = self.config_fingerprint
         keys = [request_cache_key(fingerprint, request) for request in requests]
@@ -361,12 +386,14 @@ class OpenAIAnnotator:
         # Identical rollouts (common for short answers) are asked about once.
         todo = {key: request for key, request in zip(keys, requests) if key not in results}
         if todo:
-            client = self._make_client()
+            own = client is None
+            client = self._make_client() if own else client
             try:
                 semaphore = asyncio.Semaphore(self.max_concurrency)
                 fresh = await asyncio.gather(*(self._annotate_guarded(client, semaphore, r) for r in todo.values()))
             finally:
-                await client.close()
+                if own:
+                    await client.close()
             results.update(zip(todo, fresh))
             await asyncio.to_thread(self._cache_put, [(key, results[key]) for key in todo])
         annotations = [results[key] for key in keys]
@@ -575,6 +602,35 @@ class OpenAIAnnotator:
         logger.debug("Annotation failed: %s", error)
         flags = {kind: 1} if kind is not None else {}
         return Annotation.failure(error, usage={**self._usage(usage, started), **flags})
+
+
+class _LoopThread:
+    """An event loop running in a daemon thread, owned by one annotator: the synchronous API submits coroutines to it,
+    so one HTTP client (and its keep-alive connections) serves every call, and a caller's own loop (Jupyter) is never
+    nested."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="trace-annotator", daemon=True)
+        self.thread.start()
+
+    def usable(self) -> bool:
+        return self.pid == os.getpid() and self.thread.is_alive() and not self.loop.is_closed()
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def stop(self, client: Any = None) -> None:
+        if not self.usable():
+            return
+        if client is not None:
+            with contextlib.suppress(Exception):
+                self.run(client.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class BadResponseError(ValueError):
