@@ -494,3 +494,20 @@ def test_training_goes_on_when_the_server_answers_html_for_some_requests(tiny_mo
     assert record["annotator/invalid_responses"] == 2 and record["annotator/failures"] == 2
     assert record["trace/annotation_failures"] == 2, "the two failures are counted, the other rollouts annotated"
     assert record["annotator/spans"] + record["annotator/dropped_spans"] >= 1
+
+
+def test_the_annotator_survives_an_interrupt_inside_its_own_event_loop(monkeypatch):
+    """A KeyboardInterrupt in a request reaches the caller, and the annotator's loop thread still serves later calls."""
+    with FakeOpenAIServer() as server:
+        annotator = fast_annotator(server)
+        original = OpenAIAnnotator._annotate_one
+
+        async def interrupted(self, client, semaphore, request):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(OpenAIAnnotator, "_annotate_one", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            annotator(distinct_requests(2))
+        monkeypatch.setattr(OpenAIAnnotator, "_annotate_one", original)
+        assert [a.failed for a in annotator(distinct_requests(2))] == [False, False]
+        annotator.close()

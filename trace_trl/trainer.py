@@ -322,7 +322,7 @@ class TRACETrainer(GRPOTrainer):
         """This process's rollouts of the last annotated generation batch, as annotation rows (`trace-trl annotate`'s
         format, plus `annotated`, `action` and `routed_spans`: the character ranges routed after the cap).
 
-        Show them in Jupyter with `trace_trl.AnnotationView(trainer.last_annotations)`.
+        Show them in Jupyter with `trace_trl.inspection.AnnotationView(trainer.last_annotations)`.
         """
         return [record.row(i) for i, record in enumerate(self._batch_builder.last_batch)]
 
@@ -331,8 +331,8 @@ class TRACETrainer(GRPOTrainer):
 
         Columns: `trace_routed` (the completion with its routed tokens in ⟦ ⟧, empty when nothing is routed),
         `trace_kind` (`key` / `error`), `trace_type_label` and `trace_annotation` (`ok`, `not sent` when the rollout's
-        kind is not routed, `failed: <cause>`, or `KL off`). GRPO has already flushed its extra columns for this batch,
-        so these are gathered and appended the same way, one value per rollout of every batch (train and eval), so
+        kind is not routed, `failed: <cause>`, `KL off`, or `eval (not annotated)`). GRPO has already flushed its extra
+        columns for this batch, so these are gathered and appended the same way, one value per rollout of every batch (train and eval), so
         that every column of the table has one value per row.
         """
         from accelerate.utils import gather_object
@@ -340,7 +340,7 @@ class TRACETrainer(GRPOTrainer):
         from .routing import mark_routed
 
         columns: dict[str, list[str]] = {name: [""] * n_local for name in COMPLETION_SPAN_COLUMNS}
-        columns["trace_annotation"] = ["KL off"] * n_local
+        columns["trace_annotation"] = ["KL off" if self.model.training else "eval (not annotated)"] * n_local
         if routed:
             for i, record in enumerate(self._batch_builder.last_batch[:n_local]):
                 text = record.request.completion

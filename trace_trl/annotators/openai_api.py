@@ -604,6 +604,13 @@ class OpenAIAnnotator:
         return Annotation.failure(error, usage={**self._usage(usage, started), **flags})
 
 
+async def _outcome(coroutine: Any) -> tuple[bool, Any]:
+    try:
+        return False, await coroutine
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
+        return True, exc
+
+
 class _LoopThread:
     """An event loop running in a daemon thread, owned by one annotator: the synchronous API submits coroutines to it,
     so one HTTP client (and its keep-alive connections) serves every call, and a caller's own loop (Jupyter) is never
@@ -612,14 +619,35 @@ class _LoopThread:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="trace-annotator", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name="trace-annotator", daemon=True)
         self.thread.start()
+
+    def _serve(self) -> None:
+        # asyncio re-raises a task's KeyboardInterrupt / SystemExit out of `run_forever` (after recording it on the
+        # task, so the awaiting coroutine still sees it): keep the loop running for the caller waiting on it.
+        while True:
+            try:
+                self.loop.run_forever()
+                return  # stopped by `stop()`
+            except BaseException:  # noqa: BLE001
+                continue
 
     def usable(self) -> bool:
         return self.pid == os.getpid() and self.thread.is_alive() and not self.loop.is_closed()
 
     def run(self, coroutine: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        """`coroutine`'s result, or its exception raised here. Every exception, `KeyboardInterrupt` included, is caught
+        in the loop and re-raised in the caller: one escaping `run_forever` would end the loop thread and leave the
+        caller waiting forever. An interrupted caller cancels the coroutine."""
+        future = asyncio.run_coroutine_threadsafe(_outcome(coroutine), self.loop)
+        try:
+            failed, value = future.result()
+        except BaseException:
+            future.cancel()
+            raise
+        if failed:
+            raise value
+        return value
 
     def stop(self, client: Any = None) -> None:
         if not self.usable():
