@@ -274,3 +274,22 @@ def test_only_rollouts_whose_kind_is_routed_are_sent_and_cached(tiny_model_dir, 
         assert cached == counts[send_all], "the cache holds exactly what was asked"
     print(f"{preset}: {counts[True]} requests before, {counts[False]} after")
     assert counts[True] == 8 and counts[False] == 4
+
+
+def test_annotator_totals_are_logged_as_their_latest_value_or_not_at_all(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """A window of two generation batches logs the total after both, not the mean of the two running totals."""
+    from trainer_helpers import HalfSpanAnnotator
+
+    class Counting(HalfSpanAnnotator):
+        def metrics(self):
+            return {"requests": float(sum(len(c) for c in self.calls))}
+
+    annotator = Counting()
+    args = trace_config(tmp_path, max_steps=2, logging_steps=2, annotate_unrouted_kinds=True)
+    trainer = make_trainer(tiny_model_dir, tiny_tokenizer, args, annotator)
+    trainer.train()
+    (logged,) = _logged(trainer, "annotator/requests")
+    assert logged == 8.0, "the total after the window's two batches of four"
+    quiet = make_trainer(tiny_model_dir, tiny_tokenizer, trace_config(tmp_path, max_steps=1, log_annotator_metrics=False), Counting())
+    quiet.train()
+    assert not _logged(quiet, "annotator/requests")
