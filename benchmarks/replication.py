@@ -513,7 +513,8 @@ def make_arm(arm: str, seed: int, base_url: str, settings: Settings) -> tuple[di
         annotator = SelfAnnotator(
             max_new_tokens=settings.self_annotation_max_new_tokens, batch_size=64, span_format="segments"
         )
-        return {"key_span_action": "fkl", "error_span_action": "grpo"}, annotator
+        # The tiny policy fails every annotation (see OPTIONAL_ARMS); this arm measures that, so it must not stop there.
+        return {"key_span_action": "fkl", "error_span_action": "grpo", "annotation_batch_failure": "skip"}, annotator
     raise ValueError(f"Unknown arm {arm!r}; expected one of {ARMS + OPTIONAL_ARMS}.")
 
 

@@ -15,7 +15,9 @@ Hostile servers (`HOSTILE_BEHAVIOURS`), each answering HTTP 200 unless said othe
 a list of typed parts, read as text), `"string_usage"` (usage counts as strings, answer fine), `"deep"` (a few KB of
 nested brackets), `"huge"` (`huge_chars` of prose, then the JSON), `"401_echo"` (HTTP 401 that echoes the API key, in
 full and masked as OpenAI does), `"echo_200"` (a prose answer that echoes the Authorization header),
-`"ignores_schema"` (prose without JSON whatever `response_format` says, as `transformers serve` does). The answer's content comes from `server.answer(rollout, is_correct, body) -> dict`; by default
+`"ignores_schema"` (prose without JSON whatever `response_format` says, as `transformers serve` does).
+Not hostile: `"reasoning_400"` (HTTP 400, as OpenAI's reasoning models answer a request with `max_tokens` or a temperature other
+than 1; a request without them is answered normally). The answer's content comes from `server.answer(rollout, is_correct, body) -> dict`; by default
 it quotes the rollout's first line.
 """
 
@@ -251,6 +253,8 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                 message = "response_format of type json_schema is not supported by this model"
                 self._send_json(400, {"error": {"message": message, "type": "invalid_request_error"}})
                 return
+            if behaviour == "reasoning_400" and self._reject_like_a_reasoning_model(recorded):
+                return
             if self._answer_hostile(recorded, behaviour):
                 return
             content = server._content(recorded, behaviour)
@@ -282,6 +286,24 @@ def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
                     "usage": usage,
                 },
             )
+
+        def _reject_like_a_reasoning_model(self, recorded: RecordedRequest) -> bool:
+            """OpenAI's answers to what its reasoning models do not accept; `False` when the request is acceptable."""
+            body = recorded.body
+            if "max_tokens" in body:
+                message = (
+                    "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                    "'max_completion_tokens' instead."
+                )
+            elif body.get("temperature", 1) != 1:
+                message = (
+                    "Unsupported value: 'temperature' does not support 0.0 with this model. Only the default (1) "
+                    "value is supported."
+                )
+            else:
+                return False
+            self._send_json(400, {"error": {"message": message, "type": "invalid_request_error", "param": None}})
+            return True
 
         def _answer_hostile(self, recorded: RecordedRequest, behaviour: str) -> bool:
             """Answers that are not a chat completion at all; `False` when `behaviour` is not one of them."""

@@ -157,3 +157,33 @@ def test_check_mode_trace_equals_dense_on_a_fully_routed_batch(step_benchmark, c
     report = step_benchmark.sanity_check(args)
     assert math.isfinite(report["dense_loss_fully_routed"])
     assert report["max_abs_grad_diff"] <= 1e-4 * max(report["max_abs_grad"], 1e-8)
+
+
+def test_the_real_api_page_shows_the_benchmarks_arithmetic():
+    """docs/real-api.md's token counts and worked cost example are what `annotation_output_tokens.py` computes."""
+    import re
+
+    spec = importlib.util.spec_from_file_location("annotation_output_tokens", SCRIPT.with_name("annotation_output_tokens.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from trace_trl.tiny import build_qwen_tokenizer
+
+    summary = module.measure(build_qwen_tokenizer())
+    example = module.worked_example(summary)
+    page = (SCRIPT.parents[1] / "docs" / "real-api.md").read_text()
+    overhead = [round(summary[k]["segments_overhead"]["mean"]) for k in ("correct", "incorrect")]
+    output = [f"{summary[k]['segments']['mean']:.1f}" for k in ("correct", "incorrect")]
+    assert f"| {overhead[0]} | {overhead[1]} |" in page and f"| {output[0]} | {output[1]} |" in page
+    for name in ("every_rollout", "trace_fkl", "trace_rkl"):
+        row = example[name]
+        cells = (
+            f"| {row['requests']:,.0f} | {row['input_tokens'] / 1e6:.2f}M | {row['output_tokens'] / 1e3:.0f}k | "
+            f"${row['dollars']:.2f} |"
+        )
+        assert cells in page, cells
+    correct = example["per_request"]["correct"]
+    assert f"about {correct['input_tokens']:,.0f} input" in page and f"(${correct['dollars']:.5f})" in page
+    assert f"({example['segments_per_rollout']:.0f} segments per rollout)" in page
+    # Halving: each preset sends only its kind.
+    assert example["trace_fkl"]["requests"] + example["trace_rkl"]["requests"] == example["every_rollout"]["requests"]
+    assert re.search(r"8 requests before, 4 after", page)

@@ -136,9 +136,8 @@ def _doc_annotate_commands() -> list[list[str]]:
 
 def test_the_docs_regex_annotate_examples_run_as_written(tmp_path, monkeypatch, capsys):
     commands = _doc_annotate_commands()
-    assert commands and ["trace-trl", "annotate", "rollouts.jsonl", "-o", "regex.jsonl", "--annotator", "regex"] in (
-        commands
-    )
+    expected = ["trace-trl", "annotate", "rollouts.jsonl", "-o", "regex.jsonl", "--annotator", "regex", "--all-kinds"]
+    assert commands and expected in commands
     monkeypatch.chdir(tmp_path)
     _rollouts(tmp_path / "rollouts.jsonl")
     for command in commands:
@@ -153,7 +152,7 @@ def test_the_docs_regex_annotate_examples_run_as_written(tmp_path, monkeypatch, 
 
 def test_annotate_regex_patterns_accept_constants_and_regexes(tmp_path, capsys):
     source, output = _rollouts(tmp_path / "rollouts.jsonl"), tmp_path / "out.jsonl"
-    argv = ["annotate", str(source), "-o", str(output), "--annotator", "regex", "--quiet"]
+    argv = ["annotate", str(source), "-o", str(output), "--annotator", "regex", "--quiet", "--all-kinds"]
     argv += [
         "--regex-key-pattern",
         "BOXED_CONTENT",
@@ -278,7 +277,8 @@ def test_explain_unrouted_names_the_likely_cause():
     assert "no rollout was correct" in explain_unrouted({**base, "correct": 0.0}, "fkl", "grpo", 3)
     assert "every rollout was correct" in explain_unrouted({**base, "correct": 24.0}, "grpo", "rkl", 3)
     assert "drops" in explain_unrouted({**base, "dropped_spans": 4.0}, "fkl", "grpo", 3)
-    assert "marked no span" in explain_unrouted(base, "fkl", "grpo", 3)
+    assert "marked no key span in the correct rollouts it was sent" in explain_unrouted(base, "fkl", "grpo", 3)
+    assert "marked no span" in explain_unrouted(base, "fkl", "rkl", 3)
 
 
 def _builder(tokenizer, tmp_path, annotator, **config):

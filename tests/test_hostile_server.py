@@ -481,9 +481,10 @@ def test_training_goes_on_when_the_server_answers_html_for_some_requests(tiny_mo
     from trainer_helpers import make_trainer, trace_config
 
     with FakeOpenAIServer() as server:
-        server.plan = ["html_200", "ok", "html_200"]  # one request at a time: the first and third get a proxy page
+        # The preflight, then one request at a time: the first and third get a proxy page.
+        server.plan = ["ok", "html_200", "ok", "html_200"]
         annotator = fast_annotator(server, max_concurrency=1)
-        args = trace_config(tmp_path, max_steps=1, teacher_kind="live")
+        args = trace_config(tmp_path, max_steps=1, teacher_kind="live", annotate_unrouted_kinds=True)
         trainer = make_trainer(tiny_model_dir, tiny_tokenizer, args, annotator)
         trainer.train()
         asked = server.count
@@ -493,3 +494,20 @@ def test_training_goes_on_when_the_server_answers_html_for_some_requests(tiny_mo
     assert record["annotator/invalid_responses"] == 2 and record["annotator/failures"] == 2
     assert record["trace/annotation_failures"] == 2, "the two failures are counted, the other rollouts annotated"
     assert record["annotator/spans"] + record["annotator/dropped_spans"] >= 1
+
+
+def test_the_annotator_survives_an_interrupt_inside_its_own_event_loop(monkeypatch):
+    """A KeyboardInterrupt in a request reaches the caller, and the annotator's loop thread still serves later calls."""
+    with FakeOpenAIServer() as server:
+        annotator = fast_annotator(server)
+        original = OpenAIAnnotator._annotate_one
+
+        async def interrupted(self, client, semaphore, request):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(OpenAIAnnotator, "_annotate_one", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            annotator(distinct_requests(2))
+        monkeypatch.setattr(OpenAIAnnotator, "_annotate_one", original)
+        assert [a.failed for a in annotator(distinct_requests(2))] == [False, False]
+        annotator.close()

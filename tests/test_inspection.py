@@ -60,7 +60,7 @@ def test_annotate_then_render(tmp_path, rollouts_file, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     output = tmp_path / "annotations.jsonl"
     with FakeOpenAIServer(answer=answer) as server:
-        assert run_annotate(server, rollouts_file, output, "--cache-dir", str(tmp_path / "cache")) == 0
+        assert run_annotate(server, rollouts_file, output, "--cache-dir", str(tmp_path / "cache"), "--all-kinds") == 0
         assert server.count == 3
         assert "Rollout:\n<<<ROLLOUT" in server.requests[1].user_message
         assert "Reference solution:\n<<<REFERENCE" in server.requests[0].user_message
@@ -85,9 +85,29 @@ def test_annotate_then_render(tmp_path, rollouts_file, capsys, monkeypatch):
     assert '<mark class="span-error" title="error span">4 * 3 = 7</mark>' in text
     assert 'class="span-ignored"' in text  # the wrong-kind span on the third rollout
     assert "arithmetic_error" in text and "badge correct" in text and "badge incorrect" in text
-    assert "routed char fraction" in text and "dropped quote rate" in text and "failure rate" in text
+    assert "span char fraction" in text and "dropped quote rate" in text and "failure rate" in text
     # Self-contained: no external assets.
     assert "http://" not in text and "https://" not in text and "<link" not in text and "src=" not in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "sent"),
+    [([], [0, 2]), (["--key-span-action", "grpo", "--error-span-action", "rkl"], [1]), (["--all-kinds"], [0, 1, 2])],
+    ids=["trace-fkl", "trace-rkl", "all-kinds"],
+)
+def test_annotate_sends_only_the_kinds_the_actions_route(tmp_path, rollouts_file, capsys, flags, sent):
+    output = tmp_path / "annotations.jsonl"
+    with FakeOpenAIServer(answer=answer) as server:
+        assert run_annotate(server, rollouts_file, output, *flags) == 0
+        assert server.count == len(sent)
+    rows = read_jsonl(output)
+    assert len(rows) == 3, "every rollout gets a row"
+    assert [r["index"] for r in rows if r["annotated"]] == sent
+    assert all(r["spans"] == [] and r["error"] is None for r in rows if not r["annotated"])
+    out = capsys.readouterr().out
+    assert f'"annotated": {len(sent)}' in out
+    if len(sent) < 3:
+        assert f"{3 - len(sent)} not sent because their kind is not routed" in out
 
 
 def test_annotate_with_failures_and_rerun_from_cache(tmp_path, rollouts_file):
@@ -95,11 +115,11 @@ def test_annotate_with_failures_and_rerun_from_cache(tmp_path, rollouts_file):
     cache = str(tmp_path / "cache")
     with FakeOpenAIServer(answer=answer, default="500") as server:
         run_annotate(server, rollouts_file, output, "--cache-dir", cache)
-        assert all(r["error"] and "HTTP 500" in r["error"] for r in read_jsonl(output))
+        assert all(r["error"] and "HTTP 500" in r["error"] for r in read_jsonl(output) if r["annotated"])
         server.default = "ok"
         run_annotate(server, rollouts_file, output, "--cache-dir", cache)
         run_annotate(server, rollouts_file, output, "--cache-dir", cache)
-        assert server.count == 6  # the third run is served from the cache
+        assert server.count == 4  # 2 correct rollouts sent per run (TRACE-FKL); the third run is served from the cache
     assert all(r["error"] is None for r in read_jsonl(output))
 
 
@@ -143,12 +163,12 @@ def test_annotation_statistics():
     assert stats["spans_per_rollout"] == 1.0 and stats["key_spans"] == 2 and stats["error_spans"] == 2
     assert stats["wrong_kind_spans"] == 1
     assert stats["dropped_quote_rate"] == 1 / 5
-    assert stats["routed_char_fraction"] == (6 + 2) / 40
+    assert stats["span_char_fraction"] == (6 + 2) / 40
     assert stats["diagnoses"] == {"logical_gap": 1}
     assert annotation_statistics([])["rollouts"] == 0
 
 
-def test_routed_token_fraction(tiny_tokenizer, monkeypatch):
+def test_span_token_fraction(tiny_tokenizer, monkeypatch):
     import trace_trl.spans
 
     if not hasattr(trace_trl.spans, "token_labels"):
@@ -168,8 +188,8 @@ def test_routed_token_fraction(tiny_tokenizer, monkeypatch):
         annotation_row(AnnotationRequest("p", text, True, 1.0), Annotation(spans=(Span(0, len(text), "key"),))),
         annotation_row(AnnotationRequest("p", text, False, 0.0), Annotation.failure("x")),
     ]
-    assert annotation_statistics(rows, tokenizer=tiny_tokenizer)["routed_token_fraction"] == 0.5
-    assert "routed token fraction" in render_annotations_html(rows, tokenizer=tiny_tokenizer)
+    assert annotation_statistics(rows, tokenizer=tiny_tokenizer)["span_token_fraction"] == 0.5
+    assert "span token fraction" in render_annotations_html(rows, tokenizer=tiny_tokenizer)
 
 
 def test_jupyter_view_and_fragment():

@@ -53,10 +53,12 @@ def test_without_a_clip_nothing_counts_as_clipped(tiny_model_dir, tiny_tokenizer
 def test_micro_steps_that_route_nothing_count_in_the_routed_fraction_and_entropies(
     tiny_model_dir, tiny_tokenizer, tmp_path
 ):
-    """Under TRACE-RKL with every rollout correct, key spans are labelled but nothing is routed: the KL-phase steps
-    log a routed fraction of 0 (not nothing, which would bias the mean up), the key-span entropy, the labelled
-    fraction, and no exposure."""
-    args = trace_config(tmp_path, key_span_action="grpo", error_span_action="rkl", max_steps=2)
+    """Under TRACE-RKL with every rollout correct (annotated anyway, `annotate_unrouted_kinds`), key spans are
+    labelled but nothing is routed: the KL-phase steps log a routed fraction of 0 (not nothing, which would bias the
+    mean up), the key-span entropy, the labelled fraction, and no exposure."""
+    args = trace_config(
+        tmp_path, key_span_action="grpo", error_span_action="rkl", max_steps=2, annotate_unrouted_kinds=True
+    )
     trainer = make_trainer(tiny_model_dir, tiny_tokenizer, args, reward=constant_reward)  # every rollout correct
     trainer.train()
     assert _logged(trainer, "trace/routed_token_frac") == [0.0, 0.0]

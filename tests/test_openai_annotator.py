@@ -438,3 +438,125 @@ def test_normalize_diagnosis():
 
 def test_annotation_failure_shape():
     assert Annotation.failure("x").failed
+
+
+# --- request shape: sampling parameters, reasoning models -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fields"),
+    [
+        ({}, {"model", "messages", "temperature", "max_tokens", "response_format"}),
+        (
+            {"temperature": None, "max_tokens": 8000, "token_limit_param": "max_completion_tokens"},
+            {"model", "messages", "max_completion_tokens", "response_format"},
+        ),
+        ({"temperature": None, "max_tokens": None}, {"model", "messages", "response_format"}),
+        ({"temperature": 0.7, "use_json_schema": False}, {"model", "messages", "temperature", "max_tokens"}),
+    ],
+    ids=["default", "reasoning-model", "nothing", "no-schema"],
+)
+def test_request_body_has_exactly_the_configured_fields(server, kwargs, fields):
+    annotator = fast_annotator(server, **kwargs)
+    (annotation,) = annotator([make_request()])
+    assert not annotation.failed
+    (body,) = [r.body for r in server.requests]
+    assert set(body) == fields
+    if "max_completion_tokens" in fields:
+        assert body["max_completion_tokens"] == 8000
+    if "temperature" in fields:
+        assert body["temperature"] == kwargs.get("temperature", 0.0)
+
+
+def test_a_reasoning_model_server_rejects_the_default_shape_and_accepts_the_reasoning_one(tmp_path):
+    with FakeOpenAIServer(answer=scripted_answer, default="reasoning_400") as fake:
+        (failed,) = fast_annotator(fake)([make_request()])
+        assert failed.failed and "HTTP 400" in failed.error and "max_completion_tokens" in failed.error
+        reasoning = fast_annotator(fake, temperature=None, max_tokens=4096, token_limit_param="max_completion_tokens")
+        (annotation,) = reasoning([make_request()])
+        assert not annotation.failed and annotation.spans
+        assert fake.requests[-1].body["max_completion_tokens"] == 4096
+        assert reasoning.preflight() is not None
+        from trace_trl.annotators.base import AnnotatorPreflightError
+
+        with pytest.raises(AnnotatorPreflightError, match="Unsupported parameter: 'max_tokens'.*max_completion_tokens"):
+            fast_annotator(fake).preflight()
+
+
+def test_sampling_settings_are_checked_and_enter_the_cache_key(server):
+    with pytest.raises(ValueError, match="token_limit_param must be one of"):
+        fast_annotator(server, token_limit_param="max_output_tokens")
+    with pytest.raises(ValueError, match="max_tokens must be a positive integer or None"):
+        fast_annotator(server, max_tokens=0)
+    with pytest.raises(ValueError, match="temperature must be in"):
+        fast_annotator(server, temperature=-1)
+    default = fast_annotator(server).config_fingerprint
+    assert "token_limit_param" not in default, "caches written before the option existed stay valid"
+    assert fast_annotator(server, token_limit_param="max_completion_tokens").config_fingerprint != default
+    assert fast_annotator(server, temperature=None).config_fingerprint != default
+
+
+def test_reasoning_and_protocol_settings_reach_the_annotator_from_recipes_and_the_cli(tmp_path):
+    from trace_trl.inspection import _annotate_parser, _build_from_flags
+    from trace_trl.train import TraceScriptArguments, build_annotator
+
+    template_file = tmp_path / "template.txt"
+    template = "Problem: {problem}\nReference: {reference}\nRollout: {rollout}\n{verdict}\n{task}"
+    template_file.write_text(template)
+    from_recipe = build_annotator(
+        TraceScriptArguments(
+            annotator="openai",
+            annotator_model="o4-mini",
+            annotator_send_temperature=False,
+            annotator_token_limit_param="max_completion_tokens",
+            annotator_max_tokens=8000,
+            annotator_reask_on_malformed=True,
+            annotator_prompt_template=str(template_file),
+            annotator_system_prompt="You review math.",
+            annotator_span_format="quotes",
+        )
+    )
+    flags = [
+        "in.jsonl", "-o", "out.jsonl", "--model", "o4-mini", "--no-temperature", "--token-limit-param",
+        "max_completion_tokens", "--max-tokens", "8000", "--reask-on-malformed", "--prompt-template",
+        str(template_file), "--system-prompt", "You review math.", "--span-format", "quotes",
+    ]
+    from_cli = _build_from_flags(_annotate_parser().parse_args(flags))
+    for annotator in (from_recipe, from_cli):
+        assert annotator.temperature is None and annotator.token_limit_param == "max_completion_tokens"
+        assert annotator.max_tokens == 8000 and annotator.reask_on_malformed
+        assert annotator.prompt_template == template and annotator.system_prompt == "You review math."
+        assert annotator.span_format == "quotes"
+    assert from_recipe.config_fingerprint == from_cli.config_fingerprint, "the same annotator, the same cache"
+    no_limit = build_annotator(TraceScriptArguments(annotator="openai", annotator_model="m", annotator_token_limit_param="none"))
+    assert no_limit.max_tokens is None
+    with pytest.raises(ValueError, match="annotator_prompt_template.*does not exist"):
+        build_annotator(TraceScriptArguments(annotator="openai", annotator_model="m", annotator_prompt_template="missing.txt"))
+
+
+def test_one_client_serves_every_call_and_copies_make_their_own(server, monkeypatch):
+    """Building a client loads the CA bundle (~0.1 s) and opens new connections: the synchronous API keeps one."""
+    annotator = fast_annotator(server)
+    made = []
+    original = OpenAIAnnotator._make_client
+
+    def counting(self):
+        made.append(self)
+        return original(self)
+
+    monkeypatch.setattr(OpenAIAnnotator, "_make_client", counting)
+    for _ in range(3):
+        (annotation,) = annotator([make_request()])
+        assert not annotation.failed
+    assert len(made) == 1
+    clone = pickle.loads(pickle.dumps(annotator))
+    assert not clone([make_request()])[0].failed and len(made) == 2, "a copy makes its own client"
+
+    async def inside_a_running_loop():
+        return annotator([make_request()])
+
+    assert not asyncio.run(inside_a_running_loop())[0].failed and len(made) == 2
+    annotator.close()
+    assert not annotator([make_request()])[0].failed and len(made) == 3, "usable again after close()"
+    annotator.close()
+    clone.close()

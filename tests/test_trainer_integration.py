@@ -108,7 +108,8 @@ class _BothKindsAnnotator:
 
 def test_span_kinds_follow_correctness_and_drops_are_counted(tiny_model_dir, tiny_tokenizer, tmp_path):
     annotator = _BothKindsAnnotator()
-    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=annotator, max_steps=1)
+    # Every rollout is sent (for inspection), so that wrong-kind spans of both kinds are seen and dropped.
+    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=annotator, max_steps=1, annotate_unrouted_kinds=True)
     trainer.model.train()
     batch = trainer._generate_and_score_completions([math_dataset()[i // 4] for i in range(4)])
     annotated = [r for r in annotator.requests if len(r.completion) > 6]
@@ -128,7 +129,16 @@ def _failing_annotator(requests):
 
 
 def test_failed_annotation_trains_as_grpo_and_is_counted(tiny_model_dir, tiny_tokenizer, tmp_path):
-    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=_failing_annotator, max_steps=2)
+    trainer = _make(
+        tiny_model_dir,
+        tiny_tokenizer,
+        tmp_path,
+        annotator=_failing_annotator,
+        max_steps=2,
+        annotator_exception="skip",
+        annotation_batch_failure="skip",
+        annotate_unrouted_kinds=True,
+    )
     trainer.train()
     failures = [r["trace/annotation_failures"] for r in trainer.state.log_history if "trace/annotation_failures" in r]
     assert failures and all(f == 4.0 for f in failures)
@@ -137,8 +147,10 @@ def test_failed_annotation_trains_as_grpo_and_is_counted(tiny_model_dir, tiny_to
 
 def test_annotation_failure_raise_stops_training(tiny_model_dir, tiny_tokenizer, tmp_path):
     failing = lambda requests: [Annotation.failure("rate limited") for _ in requests]  # noqa: E731
-    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=failing, annotation_failure="raise")
-    with pytest.raises(RuntimeError, match="4 annotation\\(s\\) failed \\(first: rate limited\\)"):
+    trainer = _make(
+        tiny_model_dir, tiny_tokenizer, tmp_path, annotator=failing, annotation_failure="raise", annotate_unrouted_kinds=True
+    )
+    with pytest.raises(RuntimeError, match=r"4 annotation\(s\) failed \(most common cause \(4x\): rate limited\)"):
         trainer.train()
     trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=_failing_annotator, annotation_failure="raise")
     with pytest.raises(RuntimeError, match=r"annotator raised \(ConnectionError"):
@@ -159,7 +171,7 @@ def test_annotation_failure_raise_stops_training(tiny_model_dir, tiny_tokenizer,
 def test_malformed_annotator_output_is_a_clear_error(
     tiny_model_dir, tiny_tokenizer, tmp_path, annotator, error, match
 ):
-    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=annotator)
+    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=annotator, annotate_unrouted_kinds=True)
     with pytest.raises(error, match=match):
         trainer.train()
 
@@ -338,7 +350,12 @@ def test_annotator_exception_with_raise_stops_every_process_after_the_global_cou
 
 def test_malformed_annotator_answer_raises_whatever_annotation_failure_says(tiny_model_dir, tiny_tokenizer, tmp_path):
     trainer = _make(
-        tiny_model_dir, tiny_tokenizer, tmp_path, annotator=lambda requests: None, annotation_failure="skip"
+        tiny_model_dir,
+        tiny_tokenizer,
+        tmp_path,
+        annotator=lambda requests: None,
+        annotation_failure="skip",
+        annotate_unrouted_kinds=True,
     )
     with pytest.raises(TypeError, match=r"must return a list of exactly 4 .*Annotation\(\)"):
         trainer.train()
@@ -405,7 +422,15 @@ def test_an_annotator_exception_that_echoes_the_api_key_is_redacted(tiny_model_d
     def leaky(requests):
         raise PermissionError(f"401 Incorrect API key provided: {key}")
 
-    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=leaky)
+    trainer = _make(
+        tiny_model_dir,
+        tiny_tokenizer,
+        tmp_path,
+        annotator=leaky,
+        annotator_exception="skip",
+        annotation_batch_failure="skip",
+        annotate_unrouted_kinds=True,
+    )
     trainer.model.train()
     # On the package's logger: an earlier `trace-trl train` run in the same process may have raised its level.
     with caplog.at_level("WARNING", logger="trace_trl"):

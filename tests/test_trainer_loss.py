@@ -116,7 +116,16 @@ def test_routed_token_grpo_modes_set_per_token_grpo_weights(
 
 
 def test_span_actions_choose_the_divergence_per_span_kind(tiny_model_dir, tiny_tokenizer, tmp_path):
-    trainer = _trainer(tiny_model_dir, tiny_tokenizer, tmp_path, key_span_action="rkl", error_span_action="grpo")
+    # Incorrect rollouts are sent too (they are not by default: error spans are not routed here), so that error labels
+    # exist and can be seen left to GRPO.
+    trainer = _trainer(
+        tiny_model_dir,
+        tiny_tokenizer,
+        tmp_path,
+        key_span_action="rkl",
+        error_span_action="grpo",
+        annotate_unrouted_kinds=True,
+    )
     inputs = _batch(trainer)
     labels, route = inputs["trace_labels"], inputs["trace_route"]
     assert (labels == 1).any() and (labels == 2).any()

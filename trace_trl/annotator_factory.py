@@ -8,6 +8,7 @@ Both commands name annotators the same way (`regex`, `all_tokens`, `random`, `op
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -58,6 +59,20 @@ def _drop_none(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def text_or_file(value: str | None, name: str) -> str | None:
+    """`value` itself, or the content of the file it names (a prompt template or system prompt given by path)."""
+    if value is None:
+        return None
+    text = str(value)
+    if "\n" not in text and len(text) < 4096:
+        path = Path(text).expanduser()
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+        if text.endswith((".txt", ".md", ".jinja", ".j2", ".tmpl")):
+            raise ValueError(f"`{name}` names the file {text!r}, which does not exist.")
+    return text
+
+
 def _openai(settings: Any):
     from .annotators import OpenAIAnnotator
 
@@ -77,6 +92,19 @@ def _openai(settings: Any):
         optional["api_key_env"] = settings.annotator_api_key_env
     if not getattr(settings, "annotator_use_json_schema", True):
         optional["use_json_schema"] = False
+    if not getattr(settings, "annotator_send_temperature", True):
+        optional["temperature"] = None
+    limit = getattr(settings, "annotator_token_limit_param", "max_tokens")
+    if limit == "none":
+        optional["max_tokens"] = None
+    elif limit != "max_tokens":
+        optional["token_limit_param"] = limit
+    if getattr(settings, "annotator_reask_on_malformed", False):
+        optional["reask_on_malformed"] = True
+    for field_name, keyword in (("annotator_prompt_template", "prompt_template"), ("annotator_system_prompt", "system_prompt")):
+        text = text_or_file(getattr(settings, field_name, None), field_name)
+        if text is not None:
+            optional[keyword] = text
     # No `api_key=`: the annotator reads it from the environment itself, so it never passes through the arguments.
     return OpenAIAnnotator(
         settings.annotator_model,

@@ -19,6 +19,8 @@ ROUTED_TOKEN_GRPO_MODES: tuple[str, ...] = ("exclusive", "additive", "complement
 TEACHER_KINDS: tuple[str, ...] = ("synced", "live", "base", "ema")
 KL_NORMALIZATIONS: tuple[str, ...] = ("sequence", "grpo")
 ANNOTATION_FAILURE_MODES: tuple[str, ...] = ("skip", "raise")
+ANNOTATION_BATCH_FAILURE_MODES: tuple[str, ...] = ("raise", "skip")
+ANNOTATOR_EXCEPTION_MODES: tuple[str, ...] = ("raise", "skip")
 
 # Rendered into the last user turn of the teacher's prompt; the completion tokens that follow are the student's.
 # Variables: `problem` (the student's last user message), `privileged_context` (dataset column, may be empty) and
@@ -123,6 +125,28 @@ class TRACEConfig(GRPOConfig):
             `"skip"`: a failed annotation leaves that rollout to pure GRPO and is counted; `"raise"`: stop training.
         kl_chunk_size (`int`, *optional*, defaults to `1024`):
             Routed tokens per chunk of the full-vocabulary divergence; bounds the memory of one `[chunk, vocab]` tile.
+        annotation_batch_failure (`str`, *optional*, defaults to `"raise"`):
+            What happens when *every* annotation of a generation batch fails (a server that is down, a proxy's login
+            page, a request the server rejects): `"raise"` stops training with the most common (redacted) cause;
+            `"skip"` trains the batch as GRPO and warns. Partial failures follow `annotation_failure`.
+        annotator_exception (`str`, *optional*, defaults to `"raise"`):
+            An exception raised by the annotator itself (a bug in a user's annotator; the built-in annotators return
+            failed annotations instead): `"raise"` stops training with it and its (redacted) traceback; `"skip"`
+            fails that batch's annotations (then `annotation_batch_failure` applies).
+        annotation_preflight (`bool`, *optional*, defaults to `True`):
+            At `train()` start, send one annotation request to a network annotator (`OpenAIAnnotator`, and the
+            controls built on one) and refuse to start when the server is unreachable, answers something that is not
+            a chat completion, or rejects the request. Annotators without a server are not checked.
+        annotate_unrouted_kinds (`bool`, *optional*, defaults to `False`):
+            Also send rollouts whose kind is not routed (incorrect ones when `error_span_action="grpo"`, correct ones
+            when `key_span_action="grpo"`) to the annotator, for inspection; by default they are not sent (not paid
+            for) and counted in `trace/annotation_skipped`.
+        log_annotator_metrics (`bool`, *optional*, defaults to `True`):
+            Log the annotator's running totals (`annotator/*`: requests, API calls, tokens, ...) at every logging step.
+        dump_rollouts (`str` or `None`, *optional*, defaults to `None`):
+            JSONL file that every generation batch's rollouts are appended to (columns `prompt`, `completion`,
+            `is_correct`, `reward`, `reference`: what `trace-trl annotate` reads), e.g. to try an annotator on real
+            rollouts before paying for a run. Written by the main process, in every phase of training.
     """
 
     kl_coef: float = field(
@@ -257,6 +281,47 @@ class TRACEConfig(GRPOConfig):
         default=1024,
         metadata={"help": "Routed tokens per chunk of the full-vocabulary divergence."},
     )
+    annotation_batch_failure: str = field(
+        default="raise",
+        metadata={
+            "help": "When every annotation of a generation batch fails (server down, login page, rejected request): "
+            "'raise' stops training with the most common cause, 'skip' trains the batch as GRPO and warns.",
+            "choices": list(ANNOTATION_BATCH_FAILURE_MODES),
+        },
+    )
+    annotator_exception: str = field(
+        default="raise",
+        metadata={
+            "help": "An exception raised by the annotator's own code: 'raise' stops training with it (redacted), "
+            "'skip' fails that batch's annotations.",
+            "choices": list(ANNOTATOR_EXCEPTION_MODES),
+        },
+    )
+    annotation_preflight: bool = field(
+        default=True,
+        metadata={
+            "help": "At train() start, send one request to a network annotator and refuse to start if the server is "
+            "unreachable, answers something that is not a chat completion, or rejects the request."
+        },
+    )
+    annotate_unrouted_kinds: bool = field(
+        default=False,
+        metadata={
+            "help": "Also annotate rollouts whose kind is not routed (for inspection); by default they are not sent "
+            "and counted in trace/annotation_skipped."
+        },
+    )
+    log_annotator_metrics: bool = field(
+        default=True,
+        metadata={"help": "Log the annotator's running totals (annotator/*) at every logging step."},
+    )
+    dump_rollouts: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL file every generation batch's rollouts are appended to (prompt, completion, is_correct, "
+            "reward, reference), for `trace-trl annotate`."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -318,6 +383,10 @@ class TRACEConfig(GRPOConfig):
                 "`routed_token_grpo='additive'` (GRPO on every token plus the constant KL: the all-token self-OPD "
                 "baseline) or `routed_token_grpo='exclusive'` (routed tokens get only the KL, forever)."
             )
+        _check_choice("annotation_batch_failure", self.annotation_batch_failure, ANNOTATION_BATCH_FAILURE_MODES)
+        _check_choice("annotator_exception", self.annotator_exception, ANNOTATOR_EXCEPTION_MODES)
+        if self.dump_rollouts in ("", "None", "none", "null"):  # `--dump_rollouts None` on the command line
+            self.dump_rollouts = None
         if self.kl_coef < 0:
             raise ValueError(f"`kl_coef` must be >= 0, got {self.kl_coef}.")
         for name in ("kl_warmup_steps", "kl_decay_steps"):

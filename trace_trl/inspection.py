@@ -118,7 +118,8 @@ def _row_spans(row: Mapping[str, Any]) -> list[Span]:
 
 
 def _routed_spans(row: Mapping[str, Any]) -> list[Span]:
-    """The spans the trainer would route: none for a failure, and only those whose kind follows correctness."""
+    """The spans the trainer keeps: none for a failure, and only those whose kind follows correctness (before the
+    coverage cap and whatever the span actions are)."""
     if row.get("error") is not None:
         return []
     kind = "key" if row.get("is_correct") else "error"
@@ -138,13 +139,17 @@ def _covered_characters(spans: Sequence[Span]) -> int:
 def annotation_statistics(rows: Sequence[Mapping[str, Any]], tokenizer: Any = None) -> dict[str, Any]:
     """Per-run statistics of annotation rows (as written by `trace-trl annotate`).
 
-    Returns `rollouts`, `correct_fraction`, `failure_rate`, `spans_per_rollout` (all spans, over all rollouts),
-    `key_spans`, `error_spans`, `wrong_kind_spans` (dropped by the trainer), `dropped_quote_rate` (quotes that could
-    not be placed, over all quotes), `routed_char_fraction` (characters the trainer would route, over all completion
-    characters), `diagnoses` (label counts) and, given a tokenizer, `routed_token_fraction` (via `token_labels`, on the
-    completion re-encoded by that tokenizer).
+    Returns `rollouts`, `annotated` (rows sent to the annotator; a row with `"annotated": false` was not, because its
+    kind is not routed), `correct_fraction`, `failure_rate` (failed rows over annotated rows), `spans_per_rollout`
+    (all spans, over all rollouts), `key_spans`, `error_spans`, `wrong_kind_spans` (dropped by the trainer),
+    `dropped_quote_rate` (quotes that could not be placed, over all quotes), `span_char_fraction` (characters inside
+    spans of the kind the rollout's correctness keeps, over all completion characters: an upper bound of what a run
+    routes, before the coverage cap and whatever the span actions are), `diagnoses` (label counts) and, given a
+    tokenizer, `span_token_fraction` (the same in tokens, via `token_labels` on the completion re-encoded by that
+    tokenizer).
     """
     n = len(rows)
+    annotated = sum(row.get("annotated", True) is not False for row in rows)
     all_spans = [_row_spans(row) for row in rows]
     placed = sum(len(spans) for spans in all_spans)
     dropped = sum(int(row.get("dropped_spans") or 0) for row in rows)
@@ -154,21 +159,22 @@ def annotation_statistics(rows: Sequence[Mapping[str, Any]], tokenizer: Any = No
     statistics: dict[str, Any] = {
         "rollouts": n,
         "correct_fraction": sum(bool(row.get("is_correct")) for row in rows) / n if n else 0.0,
-        "failure_rate": sum(row.get("error") is not None for row in rows) / n if n else 0.0,
+        "annotated": annotated,
+        "failure_rate": sum(row.get("error") is not None for row in rows) / annotated if annotated else 0.0,
         "spans_per_rollout": placed / n if n else 0.0,
         "key_spans": kinds.get("key", 0),
         "error_spans": kinds.get("error", 0),
         "wrong_kind_spans": placed - sum(len(spans) for spans in routed),  # failed rows carry no spans
         "dropped_quote_rate": dropped / (placed + dropped) if placed + dropped else 0.0,
-        "routed_char_fraction": sum(map(_covered_characters, routed)) / total_chars if total_chars else 0.0,
+        "span_char_fraction": sum(map(_covered_characters, routed)) / total_chars if total_chars else 0.0,
         "diagnoses": dict(Counter(row["diagnosis"] for row in rows if row.get("diagnosis")).most_common()),
     }
     if tokenizer is not None:
-        statistics["routed_token_fraction"] = _routed_token_fraction(rows, routed, tokenizer)
+        statistics["span_token_fraction"] = _span_token_fraction(rows, routed, tokenizer)
     return statistics
 
 
-def _routed_token_fraction(rows: Sequence[Mapping[str, Any]], routed: Sequence[list[Span]], tokenizer: Any) -> float:
+def _span_token_fraction(rows: Sequence[Mapping[str, Any]], routed: Sequence[list[Span]], tokenizer: Any) -> float:
     from .spans import token_labels
 
     routed_tokens = total_tokens = 0
@@ -237,6 +243,8 @@ def _rollout_html(index: int, row: Mapping[str, Any]) -> str:
     badges = [
         f'<span class="badge {"correct" if correct else "incorrect"}">{"correct" if correct else "incorrect"}</span>'
     ]
+    if row.get("annotated") is False:
+        badges.append('<span class="badge failed">not annotated (its kind is not routed)</span>')
     if row.get("error") is not None:
         # Rows may come from anywhere: strip any credential an error text still carries before showing it.
         error = redact(str(row["error"]), [os.environ.get("OPENAI_API_KEY")])
@@ -373,20 +381,41 @@ def _build_from_flags(args: argparse.Namespace) -> Any:
 ANNOTATORS: dict[str, Callable[[argparse.Namespace], Any]] = {name: _build_from_flags for name in annotator_choices()}
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in `--help`, unless its help text already says it (`default ...`, `None: ...`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or "(None:" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def _annotate_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trace-trl annotate",
-        description="Run an annotator over rollouts (JSONL file or Hub dataset) and write annotations as JSONL.",
-        epilog="Every rollout gets a row, failed ones with their (redacted) error. Exit status 1 when every annotation "
-        "failed, with the most common error on stderr; 0 otherwise.",
+        description="Run an annotator over rollouts (JSONL file or Hub dataset) and write annotations as JSONL. "
+        "Input columns (renamed with the data flags): prompt (text or chat messages), completion, is_correct "
+        "(booleans, rewards or strings), reference (the privileged context, optional). Like training, only rollouts "
+        "whose kind the span actions route are sent (TRACE-FKL: the correct ones; TRACE-RKL: "
+        "--key-span-action grpo --error-span-action rkl, the incorrect ones); --all-kinds sends every rollout.",
+        epilog="Output columns: index, prompt, completion, is_correct, reference, reward, annotated (false: not sent, "
+        "its kind is not routed), spans ([start, end, kind, text], character offsets into completion), diagnosis "
+        "(the type label), error (redacted; null on success), dropped_spans, usage (tokens, latency). Every rollout "
+        "gets a row. Exit status 1 when every annotation sent failed, with the most common error on stderr; 0 "
+        "otherwise. Smoke test before a paid run: `trace-trl annotate rollouts.jsonl -o a.jsonl --limit 5 --model "
+        "...` on rollouts written by a run with `--dump_rollouts rollouts.jsonl`.",
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument("source", help="a .jsonl/.json file, or a Hub dataset name")
     parser.add_argument("-o", "--output", required=True, help="where to write the annotations (JSONL)")
     data = parser.add_argument_group("data")
     data.add_argument("--split", default="train", help="dataset split (Hub datasets)")
     data.add_argument("--config", default=None, help="dataset configuration (Hub datasets)")
-    data.add_argument("--prompt-column", default="prompt")
-    data.add_argument("--completion-column", default="completion")
+    data.add_argument("--prompt-column", default="prompt", help="column of the problem (text or chat messages)")
+    data.add_argument(
+        "--completion-column", default="completion", help="column of the rollout text (what the spans index)"
+    )
     data.add_argument(
         "--correct-column", default="is_correct", help="booleans, rewards (see --correct-threshold) or strings"
     )
@@ -406,6 +435,23 @@ def _annotate_parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(n for n in ANNOTATOR_NAMES if n != 'none')} (hyphens work too: all-tokens)",
     )
     run.add_argument("--batch-size", type=int, default=64, help="rollouts per annotator call")
+    run.add_argument(
+        "--key-span-action",
+        choices=["fkl", "rkl", "grpo"],
+        default="fkl",
+        help="the run's key_span_action: correct rollouts are sent unless it is grpo",
+    )
+    run.add_argument(
+        "--error-span-action",
+        choices=["fkl", "rkl", "grpo"],
+        default="grpo",
+        help="the run's error_span_action: incorrect rollouts are sent unless it is grpo",
+    )
+    run.add_argument(
+        "--all-kinds",
+        action="store_true",
+        help="send every rollout, whatever the actions route (for inspection) [annotate_unrouted_kinds]",
+    )
     defaults = _annotator_defaults()
     regex = parser.add_argument_group("regex annotator")
     regex.add_argument(
@@ -465,11 +511,25 @@ def _annotate_parser() -> argparse.ArgumentParser:
         help="environment variable holding the API key [annotator_api_key_env]",
     )
     api.add_argument(
-        "--max-concurrency", dest="annotator_max_concurrency", type=int, default=defaults["annotator_max_concurrency"]
+        "--max-concurrency",
+        dest="annotator_max_concurrency",
+        type=int,
+        default=defaults["annotator_max_concurrency"],
+        help="requests in flight at once [annotator_max_concurrency]",
     )
-    api.add_argument("--timeout", dest="annotator_timeout", type=float, default=defaults["annotator_timeout"])
     api.add_argument(
-        "--max-retries", dest="annotator_max_retries", type=int, default=defaults["annotator_max_retries"]
+        "--timeout",
+        dest="annotator_timeout",
+        type=float,
+        default=defaults["annotator_timeout"],
+        help="seconds per attempt [annotator_timeout]",
+    )
+    api.add_argument(
+        "--max-retries",
+        dest="annotator_max_retries",
+        type=int,
+        default=defaults["annotator_max_retries"],
+        help="retries on 429/5xx/timeouts/dropped connections [annotator_max_retries]",
     )
     api.add_argument(
         "--cache-dir",
@@ -477,8 +537,48 @@ def _annotate_parser() -> argparse.ArgumentParser:
         default=None,
         help="persistent annotation cache (SQLite), shareable between runs [annotator_cache_dir]",
     )
-    api.add_argument("--temperature", dest="annotator_temperature", type=float, default=None, help="(default 0.0)")
-    api.add_argument("--max-tokens", dest="annotator_max_tokens", type=int, default=None, help="(default 1024)")
+    api.add_argument(
+        "--temperature", dest="annotator_temperature", type=float, default=None, help="(None: 0.0) [annotator_temperature]"
+    )
+    api.add_argument(
+        "--no-temperature",
+        dest="annotator_send_temperature",
+        action="store_false",
+        help="send no temperature (OpenAI reasoning models reject any but their default) [annotator_send_temperature]",
+    )
+    api.add_argument(
+        "--max-tokens",
+        dest="annotator_max_tokens",
+        type=int,
+        default=None,
+        help="answer-length limit (None: 1024; reasoning models need several thousand) [annotator_max_tokens]",
+    )
+    api.add_argument(
+        "--token-limit-param",
+        dest="annotator_token_limit_param",
+        choices=["max_tokens", "max_completion_tokens", "none"],
+        default=defaults["annotator_token_limit_param"],
+        help="request field of the limit; max_completion_tokens for OpenAI reasoning models; none sends no limit "
+        "[annotator_token_limit_param]",
+    )
+    api.add_argument(
+        "--reask-on-malformed",
+        dest="annotator_reask_on_malformed",
+        action="store_true",
+        help="ask once more when an answer holds no usable JSON [annotator_reask_on_malformed]",
+    )
+    api.add_argument(
+        "--prompt-template",
+        dest="annotator_prompt_template",
+        default=None,
+        help="user-message template, the text or a file holding it [annotator_prompt_template]",
+    )
+    api.add_argument(
+        "--system-prompt",
+        dest="annotator_system_prompt",
+        default=None,
+        help="system message, the text or a file holding it [annotator_system_prompt]",
+    )
     api.add_argument("--max-key-spans", dest="annotator_max_key_spans", type=int, default=None, help="(default 3)")
     api.add_argument(
         "--no-json-schema",
@@ -520,6 +620,10 @@ def _annotate_batch(annotator: Any, batch: list[AnnotationRequest], secrets: lis
     return [dataclasses.replace(a, error=redact(a.error, secrets)) if a.error is not None else a for a in annotations]
 
 
+def _kind_is_routed(is_correct: bool, args: argparse.Namespace) -> bool:
+    return (args.key_span_action if is_correct else args.error_span_action) != "grpo"
+
+
 def _failure_summary(rows: Sequence[Mapping[str, Any]]) -> str | None:
     """One line on the failed rows (how many, the most common error), or `None` when none failed."""
     errors = Counter(str(row["error"]) for row in rows if row.get("error") is not None)
@@ -528,7 +632,8 @@ def _failure_summary(rows: Sequence[Mapping[str, Any]]) -> str | None:
         return None
     error, times = errors.most_common(1)[0]
     error = error if len(error) <= 300 else error[:300] + "..."
-    head = f"all {failed} annotations failed" if failed == len(rows) else f"{failed} of {len(rows)} annotations failed"
+    sent = sum(row.get("annotated", True) is not False for row in rows)
+    head = f"all {failed} annotations failed" if failed == sent else f"{failed} of {sent} annotations failed"
     return f"trace-trl annotate: {head}; most common error ({times}x): {error}"
 
 
@@ -561,8 +666,12 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     ):
         for start in range(0, len(requests), args.batch_size):
             batch = requests[start : start + args.batch_size]
-            for offset, (request, annotation) in enumerate(zip(batch, _annotate_batch(annotator, batch, secrets))):
-                row = annotation_row(request, annotation, index=start + offset)
+            # As in training: only rollouts whose kind is routed are sent (and paid for).
+            sent = [i for i, r in enumerate(batch) if args.all_kinds or _kind_is_routed(r.is_correct, args)]
+            answers = dict(zip(sent, _annotate_batch(annotator, [batch[i] for i in sent], secrets))) if sent else {}
+            for offset, request in enumerate(batch):
+                annotation = answers.get(offset, Annotation())
+                row = annotation_row(request, annotation, index=start + offset, annotated=offset in answers)
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
                 written.append(row)
             handle.flush()
@@ -571,12 +680,16 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     metrics = getattr(annotator, "metrics", None)
     if callable(metrics):
         statistics["annotator"] = metrics()
-    print(f"Wrote {len(written)} annotations to {output}")
+    not_sent = sum(row["annotated"] is False for row in written)
+    skipped = (
+        f"; {not_sent} not sent because their kind is not routed (--all-kinds sends them)" if not_sent else ""
+    )
+    print(f"Wrote {len(written)} annotations to {output}{skipped}")
     print(json.dumps(statistics, indent=2))
     summary = _failure_summary(written)
     if summary is not None:
         print(summary, file=sys.stderr)
-        if all(row.get("error") is not None for row in written):
+        if all(row.get("error") is not None for row in written if row.get("annotated", True) is not False):
             print(
                 "trace-trl annotate: no rollout was annotated (exit status 1). Fix the cause above and run again; "
                 "with --cache-dir, annotations that succeed are not asked for twice.",

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+import traceback
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -136,6 +138,86 @@ def type_label_for_rollout(annotation: Annotation, is_correct: bool) -> tuple[st
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Distinct failure causes logged at WARNING over a run; later new causes are only counted (and logged at DEBUG by the
+# annotator), so a flaky server cannot flood the log.
+MAX_FAILURE_WARNINGS = 5
+
+
+def kind_is_routed(is_correct: bool, args: TRACEConfig) -> bool:
+    """Whether a rollout of this correctness can have routed tokens: its kind's action is not `"grpo"`.
+
+    Only those rollouts are sent to the annotator (unless `annotate_unrouted_kinds`): the others train as GRPO
+    whatever their spans say.
+    """
+    return (args.key_span_action if is_correct else args.error_span_action) != "grpo"
+
+
+def most_common_failure(annotations: Sequence[Annotation]) -> tuple[str, int]:
+    """The most common error text of the failed annotations (already redacted by the annotator) and its count."""
+    errors = Counter(a.error for a in annotations if a.failed)
+    if not errors:
+        return "no failure", 0
+    error, times = errors.most_common(1)[0]
+    return (error if len(error) <= 500 else error[:500] + "..."), times
+
+
+def routed_char_ranges(offsets: Sequence[tuple[int, int]], route: torch.Tensor) -> list[tuple[int, int]]:
+    """Character ranges of the completion text covered by runs of routed tokens (`route != Route.GRPO`).
+
+    Consecutive routed tokens form one range, from the first token's start to the last token's end; adjacent or
+    overlapping ranges (a multi-byte character shared by two tokens) are merged.
+    """
+    routed = (route != Route.GRPO).tolist()
+    ranges: list[tuple[int, int]] = []
+    for i, is_routed in enumerate(routed):
+        if not is_routed:
+            continue
+        start, end = offsets[i]
+        if ranges and i > 0 and routed[i - 1]:
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
+        elif ranges and start < ranges[-1][1]:  # shares a character with the previous run
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
+        else:
+            ranges.append((start, end))
+    return ranges
+
+
+def mark_routed(text: str, ranges: Sequence[tuple[int, int]], open_mark: str = "⟦", close_mark: str = "⟧") -> str:
+    """`text` with each routed range wrapped in `open_mark ... close_mark` (for the completions table)."""
+    pieces, last = [], 0
+    for start, end in ranges:
+        pieces += [text[last:start], open_mark, text[start:end], close_mark]
+        last = end
+    pieces.append(text[last:])
+    return "".join(pieces)
+
+
+@dataclass
+class RolloutRecord:
+    """One rollout of the last generation batch: what was asked, what the annotator said and what was routed."""
+
+    request: AnnotationRequest
+    annotation: Annotation
+    annotated: bool  # sent to the annotator (False: its kind is not routed, so it was not asked about)
+    type_label: str | None  # the type label that reached the teacher, if any
+    routed_chars: list[tuple[int, int]]  # character ranges of the completion that were routed (after the cap)
+    action: str  # the action of this rollout's kind: "fkl", "rkl" or "grpo"
+
+    @property
+    def kind(self) -> str:
+        return "key" if self.request.is_correct else "error"
+
+    def row(self, index: int) -> dict[str, Any]:
+        """An annotation row (`inspection.annotation_row`) plus `annotated`, `routed_spans` and `action`."""
+        from .inspection import annotation_row
+
+        routed = [[start, end, self.kind, self.request.completion[start:end]] for start, end in self.routed_chars]
+        return annotation_row(
+            self.request, self.annotation, index=index, annotated=self.annotated, action=self.action,
+            routed_spans=routed,
+        )
+
+
 # Generation batches with the KL weight > 0 and no routed token, from the start of the run, before `explain_unrouted`'s
 # warning. One empty batch happens (a group all correct under TRACE-RKL); several in a row point at the configuration.
 UNROUTED_BATCHES_BEFORE_WARNING = 3
@@ -153,7 +235,9 @@ def explain_unrouted(totals: Mapping[str, float], key_span_action: str, error_sp
     if not routes_key and not routes_error:
         cause = "both `key_span_action` and `error_span_action` are 'grpo', so no span kind is routed"
     elif totals.get("rollouts", 0) and totals.get("failures", 0) >= totals["rollouts"]:
-        cause = "every annotation failed (see `trace/annotation_failures` and the annotator's logged errors)"
+        cause = (
+            "every annotation failed (see `trace/annotation_failures` and the warning above with the most common cause)"
+        )
     elif totals.get("key", 0) > 0 and not routes_key:
         cause = (
             "the annotator marks key spans in correct rollouts, but `key_span_action` is 'grpo': this run routes only "
@@ -176,6 +260,20 @@ def explain_unrouted(totals: Mapping[str, float], key_span_action: str, error_sp
         cause = (
             "the annotator's spans were all of the kind the rollout's correctness drops (key spans in incorrect "
             "rollouts, error spans in correct ones; see `trace/dropped_spans`)"
+        )
+    elif routes_error and not routes_key:
+        cause = (
+            "the annotator marked no error span in the incorrect rollouts it was sent: this run routes only error "
+            "spans of incorrect rollouts (`key_span_action` is 'grpo', e.g. the TRACE-RKL preset), so correct "
+            "rollouts are not even sent. Have the annotator mark error spans (regex: `regex_error_patterns`, e.g. "
+            "BOXED for the wrong final answer), or route key spans (`key_span_action: fkl`)"
+        )
+    elif routes_key and not routes_error:
+        cause = (
+            "the annotator marked no key span in the correct rollouts it was sent: this run routes only key spans of "
+            "correct rollouts (`error_span_action` is 'grpo', e.g. the TRACE-FKL preset), so incorrect rollouts are "
+            "not even sent. Have the annotator mark key spans (regex: `regex_key_patterns`; is `\\boxed{}` reached "
+            "within `max_completion_length`?), or route error spans (`error_span_action: rkl`)"
         )
     else:
         cause = (
@@ -225,7 +323,11 @@ class RoutedBatchBuilder:
         self.reduce_sum = reduce_sum
         self.device = device
         self._annotator_exception: Exception | None = None
+        self._annotator_traceback = ""
         self._malformed = False
+        self._warned_causes: set[str] = set()
+        # The last generation batch, rollout by rollout (for the completions table and the HTML viewer).
+        self.last_batch: list[RolloutRecord] = []
         # Counts of the batches that routed nothing since the start (see `explain_unrouted`); `None` once one routed.
         self._unrouted: dict[str, float] | None = {}
         self._unrouted_batches = 0
@@ -253,8 +355,13 @@ class RoutedBatchBuilder:
         rewards = rewards.float().cpu()
         correct = (rewards >= args.correct_reward_threshold).tolist()  # NaN compares False: unscored = incorrect
         texts = self.tokenizer.batch_decode(completion_ids_list, skip_special_tokens=True)
-        offsets = [tuple(token_char_offsets(ids, self.tokenizer)) for ids in completion_ids_list]
         contexts = privileged_contexts(rows, args.privileged_context_column)
+        # Only rollouts whose kind this run routes are sent (and paid for): under TRACE-FKL the incorrect ones go to
+        # GRPO whatever their error spans, under TRACE-RKL the correct ones.
+        sent = [i for i in range(n) if args.annotate_unrouted_kinds or kind_is_routed(bool(correct[i]), args)]
+        # Token boundaries of the sent rollouts: the annotators get them (the inverted control keeps clear of the
+        # tokens a key span touches), and the labels below use the same ones.
+        offsets = {i: tuple(token_char_offsets(completion_ids_list[i], self.tokenizer)) for i in sent}
         requests = [
             AnnotationRequest(
                 prompt=prompts[i],
@@ -263,11 +370,14 @@ class RoutedBatchBuilder:
                 reward=float(rewards[i]),
                 privileged_context=contexts[i],
                 metadata=request_metadata(rows[i], args.privileged_context_column),
-                token_offsets=offsets[i],
+                token_offsets=offsets.get(i),
             )
             for i in range(n)
         ]
-        annotations = self._annotate(requests)
+        annotations = [Annotation() for _ in range(n)]
+        if sent:
+            for i, annotation in zip(sent, self._annotate([requests[i] for i in sent]), strict=True):
+                annotations[i] = annotation
 
         width = output["completion_ids"].size(1)
         loss_mask = output["completion_mask"] * output.get("tool_mask", torch.ones_like(output["completion_mask"]))
@@ -301,7 +411,7 @@ class RoutedBatchBuilder:
         teacher_ids, teacher_mask, truncated = self._teacher_inputs(
             prompts, contexts, type_labels, routed_rows, output
         )
-        failures = sum(a.failed for a in annotations)
+        failures = sum(annotations[i].failed for i in sent)
         counts = {
             "key": float((labels == TokenLabel.KEY).sum()),
             "error": float((labels == TokenLabel.ERROR).sum()),
@@ -314,17 +424,35 @@ class RoutedBatchBuilder:
             "rollouts": float(n),
             "truncated": float(truncated),
             "malformed": float(self._malformed),
+            "exceptions": float(self._annotator_exception is not None and not self._malformed),
             "routed": float((route != Route.GRPO).sum()),
+            "sent": float(len(sent)),
         }
         totals = dict(zip(counts, self.reduce_sum(torch.tensor(list(counts.values()), device=self.device)).tolist()))
-        self._raise_on_failures(annotations, totals["failures"], totals["malformed"])
+        self._raise_on_failures([annotations[i] for i in sent], totals)
+        self._warn_on_failures([annotations[i] for i in sent], len(sent))
         self._check_routes_something(totals)
+        route_cpu = route.cpu()
+        sent_set = set(sent)
+        self.last_batch = [
+            RolloutRecord(
+                request=requests[i],
+                annotation=annotations[i],
+                annotated=i in sent_set,
+                type_label=type_labels[i],
+                routed_chars=routed_char_ranges(offsets[i], route_cpu[i, : len(offsets[i])]) if i in offsets else [],
+                action=(args.key_span_action if correct[i] else args.error_span_action),
+            )
+            for i in range(n)
+        ]
         tokens, rollouts = max(totals["tokens"], 1.0), max(totals["rollouts"], 1.0)
         metrics = {
             "trace/key_label_frac": totals["key"] / tokens,  # labelled, routed or not (see trace/fkl_token_frac)
             "trace/error_label_frac": totals["error"] / tokens,
             "trace/annotation_failures": totals["failures"],
-            "trace/annotation_failure_rate": totals["failures"] / rollouts,
+            "trace/annotation_failure_rate": totals["failures"] / max(totals["sent"], 1.0),
+            "trace/annotation_requests": totals["sent"],
+            "trace/annotation_skipped": totals["rollouts"] - totals["sent"],
             "trace/dropped_spans": totals["dropped_spans"],
             "trace/dropped_type_labels": totals["dropped_labels"],
             "trace/cap_removed_tokens": totals["cap_removed"],
@@ -358,21 +486,19 @@ class RoutedBatchBuilder:
             )
 
     def _annotate(self, requests: list[AnnotationRequest]) -> list[Annotation]:
-        """Call the annotator; a crash becomes per-rollout failures unless `annotation_failure="raise"`."""
+        """Call the annotator. An exception from it becomes per-rollout failures here; whether it stops training is
+        decided after the global count (`_raise_on_failures`), so that every process raises together."""
         self._annotator_exception = None
+        self._annotator_traceback = ""
         self._malformed = False
         try:
             annotations = self.annotator(requests)
         except Exception as exc:
             # A server may echo the API key in its error: the text is redacted before it is logged or stored.
-            own_redact = getattr(self.annotator, "redact", None)
-            message = f"{type(exc).__name__}: {exc}"
-            message = own_redact(message) if callable(own_redact) else redact(message)
-            if self.args.annotation_failure == "raise":
-                # Raised after the global failure count, on every process at once: raising here would leave the
-                # other processes waiting in a collective.
-                self._annotator_exception = exc
-            else:
+            message = self._redact(f"{type(exc).__name__}: {exc}")
+            self._annotator_exception = exc
+            self._annotator_traceback = self._redact("".join(traceback.format_exception(exc))[-4000:])
+            if self.args.annotator_exception == "skip" and self.args.annotation_failure != "raise":
                 logger.warning("Annotator raised %s; these %d rollouts train as GRPO.", message, len(requests))
             return [Annotation.failure(message) for _ in requests]
         annotations, problem = _checked_answer(annotations, len(requests))
@@ -384,27 +510,72 @@ class RoutedBatchBuilder:
             return [Annotation.failure(problem) for _ in requests]
         return annotations
 
-    def _raise_on_failures(
-        self, annotations: list[Annotation], global_failures: float, global_malformed: float
-    ) -> None:
-        # Decided on the global count so that every process raises together instead of leaving others in a collective.
-        if global_malformed:
+    def _redact(self, text: str) -> str:
+        own_redact = getattr(self.annotator, "redact", None)
+        return own_redact(text) if callable(own_redact) else redact(text)
+
+    def _raise_on_failures(self, annotations: list[Annotation], totals: Mapping[str, float]) -> None:
+        """Stop training where the settings say so. Decided on global counts, so that every process raises together
+        instead of leaving others waiting in a collective.
+
+        In order: a malformed answer (always); an exception from the annotator's code (`annotator_exception`); every
+        annotation of the batch failed (`annotation_batch_failure`); any failure (`annotation_failure="raise"`).
+        """
+        args = self.args
+        if totals["malformed"]:
             if self._malformed:
                 raise self._annotator_exception
             raise RuntimeError("The annotator returned a malformed answer on another process; see its error.")
-        if self.args.annotation_failure != "raise" or global_failures == 0:
-            return
-        if self._annotator_exception is not None:
-            # The redacted text, without the original exception chained: its message may hold an echoed API key.
+        exception_raises = args.annotator_exception == "raise" or args.annotation_failure == "raise"
+        if totals["exceptions"] and exception_raises:
+            if self._annotator_exception is None:
+                raise RuntimeError("The annotator raised an exception on another process; see its error.")
+            # The redacted text and traceback, without the original exception chained: its message may hold an
+            # echoed API key.
+            setting = "annotation_failure='raise'" if args.annotation_failure == "raise" else "annotator_exception='raise'"
             raise RuntimeError(
-                f"The annotator raised ({annotations[0].error}) with annotation_failure='raise'; training stops on "
-                "every process. Set `annotation_failure='skip'` to train these rollouts as plain GRPO."
+                f"The annotator raised ({annotations[0].error}) with {setting}; training stops on every process. "
+                "The built-in annotators never raise (they return failed annotations), so this is most likely a bug "
+                "in the annotator's own code; its traceback (redacted):\n"
+                f"{self._annotator_traceback}\nFix it, or set `annotator_exception='skip'` (and "
+                "`annotation_failure='skip'`) to train these rollouts as plain GRPO."
             ) from None
-        errors = [a.error for a in annotations if a.failed]
-        detail = errors[0] if errors else "on another process"
-        raise RuntimeError(
-            f"{int(global_failures)} annotation(s) failed (first: {detail}). Set `annotation_failure='skip'` to train "
-            "these rollouts as plain GRPO instead."
+        if totals["failures"] == 0:
+            return
+        cause, times = most_common_failure(annotations)
+        if args.annotation_failure == "raise":
+            detail = f"most common cause ({times}x): {cause}" if times else "on another process"
+            raise RuntimeError(
+                f"{int(totals['failures'])} annotation(s) failed ({detail}) with annotation_failure='raise'. Set "
+                "`annotation_failure='skip'` to train these rollouts as plain GRPO instead."
+            )
+        if totals["failures"] >= totals["sent"] and args.annotation_batch_failure == "raise":
+            raise RuntimeError(
+                f"Every annotation of this generation batch failed ({int(totals['failures'])} of "
+                f"{int(totals['sent'])}); most common cause ({times}x): {cause}. Training stops rather than silently "
+                "train as plain GRPO. Check the annotator (`trace-trl annotate --limit 5` on a few rollouts shows the "
+                "same error), or set `annotation_batch_failure='skip'` to train such batches as GRPO."
+            )
+
+    def _warn_on_failures(self, annotations: list[Annotation], sent: int) -> None:
+        """A WARNING with the most common (redacted) cause on the first batch with failures, and again for each new
+        cause, up to `MAX_FAILURE_WARNINGS` causes; every failure is counted in `trace/annotation_failures`."""
+        failed = [a for a in annotations if a.failed]
+        if not failed or self._annotator_exception is not None:  # an exception was already reported
+            return
+        cause, times = most_common_failure(failed)
+        if cause in self._warned_causes or len(self._warned_causes) >= MAX_FAILURE_WARNINGS:
+            return
+        self._warned_causes.add(cause)
+        last = len(self._warned_causes) == MAX_FAILURE_WARNINGS
+        logger.warning(
+            "%d of %d annotations of this batch failed; most common cause (%dx): %s. Those rollouts train as GRPO "
+            "(counted in trace/annotation_failures).%s",
+            len(failed),
+            sent,
+            times,
+            cause,
+            " Further new causes are not logged (set the `trace_trl` logger to DEBUG to see every failure)." if last else "",
         )
 
     def _teacher_inputs(

@@ -101,9 +101,14 @@ class TraceScriptArguments(ScriptArguments):
             (numbered segments, the paper's) or `"quotes"` (verbatim quotes).
         annotator_model, annotator_base_url, annotator_api_key_env, annotator_max_concurrency, annotator_timeout,
         annotator_max_retries, annotator_cache_dir, annotator_max_key_spans, annotator_temperature,
-        annotator_max_tokens, annotator_extra_body, annotator_use_json_schema, annotator_max_answer_chars:
+        annotator_max_tokens, annotator_extra_body, annotator_use_json_schema, annotator_max_answer_chars,
+        annotator_send_temperature, annotator_token_limit_param, annotator_reask_on_malformed,
+        annotator_prompt_template, annotator_system_prompt:
             Settings of the `"openai"` annotator. The key itself is read from the environment variable
-            `annotator_api_key_env`; it is never a recipe field.
+            `annotator_api_key_env`; it is never a recipe field. For OpenAI's reasoning models (o-series, gpt-5):
+            `annotator_send_temperature: false`, `annotator_token_limit_param: max_completion_tokens` and a larger
+            `annotator_max_tokens` (their hidden reasoning counts against it). `annotator_prompt_template` and
+            `annotator_system_prompt` are the text itself or the path of a file holding it.
         self_annotator_max_new_tokens, self_annotator_temperature, self_annotator_top_p, self_annotator_batch_size:
             Sampling settings of the `"self"` annotator (`None` keeps `SelfAnnotator`'s defaults).
         regex_key_patterns, regex_error_patterns (`list[str]`, *optional*, defaults to `["BOXED", "EQUATION"]` and `["BOXED"]`):
@@ -233,6 +238,36 @@ class TraceScriptArguments(ScriptArguments):
             "help": "'openai' annotator: longest answer read (None: 200000); longer ones fail as answer_too_long."
         },
     )
+    annotator_send_temperature: bool = field(
+        default=True,
+        metadata={
+            "help": "'openai' annotator: send `temperature` (false for OpenAI reasoning models, which reject any value "
+            "but their default)."
+        },
+    )
+    annotator_token_limit_param: str = field(
+        default="max_tokens",
+        metadata={
+            "help": "'openai' annotator: request field of the answer-length limit: 'max_tokens', "
+            "'max_completion_tokens' (OpenAI's, required by its reasoning models) or 'none' (send no limit).",
+            "choices": ["max_tokens", "max_completion_tokens", "none"],
+        },
+    )
+    annotator_reask_on_malformed: bool = field(
+        default=False,
+        metadata={"help": "'openai' annotator: when an answer holds no usable JSON, ask once more before failing."},
+    )
+    annotator_prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "'openai' annotator: user-message template (the text, or a file holding it) replacing the default; "
+            "see trace_trl.annotators.prompts."
+        },
+    )
+    annotator_system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "'openai' annotator: system message (the text, or a file holding it) replacing the default."},
+    )
     self_annotator_max_new_tokens: int | None = field(
         default=None, metadata={"help": "'self' annotator: most new tokens of the policy's annotation."}
     )
@@ -280,7 +315,20 @@ class TraceScriptArguments(ScriptArguments):
                 self.annotator_extra_body = json.loads(self.annotator_extra_body)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"`annotator_extra_body` must be a JSON object: {exc}") from exc
-        for name in ("answer_column", "system_prompt", "instruction", "annotator_base_url", "annotator_cache_dir"):
+        if self.annotator_token_limit_param not in ("max_tokens", "max_completion_tokens", "none"):
+            raise ValueError(
+                "`annotator_token_limit_param` must be one of max_tokens, max_completion_tokens, none; got "
+                f"{self.annotator_token_limit_param!r}."
+            )
+        for name in (
+            "answer_column",
+            "system_prompt",
+            "instruction",
+            "annotator_base_url",
+            "annotator_cache_dir",
+            "annotator_prompt_template",
+            "annotator_system_prompt",
+        ):
             if getattr(self, name) in ("None", "none", "null"):  # `--answer_column None` on the command line
                 setattr(self, name, None)
 

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
-from .annotators.base import bind_annotator
+from .annotators.base import bind_annotator, preflight_annotator
 from .annotators.heuristic import AllTokensAnnotator
 from .config import TRACEConfig
 from .context import TeacherContextBuilder
@@ -44,6 +44,8 @@ from .vllm_cpu import use_live_weights
 logger = logging.getLogger(__name__)
 
 TRACE_STATE_FILE = "trace_state.json"
+# Columns TRACE adds to TRL's completions table (`log_completions`); see `TRACETrainer._log_completion_spans`.
+COMPLETION_SPAN_COLUMNS = ("trace_routed", "trace_kind", "trace_type_label", "trace_annotation")
 
 _CITATION = """\
 @article{trace2026,
@@ -276,10 +278,15 @@ class TRACETrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         stash, self._trace_stash = self._trace_stash, None
-        if not self.model.training or not self._kl_channel_active() or stash is None:
-            return output
+        if stash is not None and self.args.dump_rollouts and self.model.training:
+            self._dump_rollouts(stash)
+        routed = None
+        if self.model.training and self._kl_channel_active() and stash is not None:
+            routed = self._routed_batch(stash, output)
+        if self.log_completions:
+            self._log_completion_spans(output["completion_ids"].size(0), routed is not None)
         # New keys go after GRPO's: GRPO's shuffling reads the batch size from the first value.
-        return {**output, **self._routed_batch(stash, output)}
+        return output if routed is None else {**output, **routed}
 
     def _rollout_rewards(self, rewards_per_func: torch.Tensor, n_local: int) -> torch.Tensor:
         """This process's rollout rewards for correctness: one reward function's, or the weighted sum (NaN if unscored)."""
@@ -303,10 +310,104 @@ class TRACETrainer(GRPOTrainer):
         for name, value in routed.metrics.items():
             metrics[name].append(value)
         annotator_metrics = getattr(self.annotator, "metrics", None)
-        if callable(annotator_metrics):
+        if self.args.log_annotator_metrics and callable(annotator_metrics):
             for name, value in annotator_metrics().items():
-                metrics[name if "/" in name else f"annotator/{name}"].append(float(value))
+                # Running totals since the start: the logged value is the latest total, not the mean of the totals
+                # seen in the logging window.
+                metrics[name if "/" in name else f"annotator/{name}"] = [float(value)]
         return routed.tensors
+
+    # ------------------------------------------------------------------------------------------------------------
+    # What a user sees of the annotation: preflight, completions table, last batch, rollout dump
+    # ------------------------------------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        """`GRPOTrainer.train`, after a one-request check of a network annotator (`annotation_preflight`)."""
+        self._preflight_annotator()
+        return super().train(*args, **kwargs)
+
+    def _preflight_annotator(self) -> None:
+        args = self.args
+        routes_something = args.key_span_action != "grpo" or args.error_span_action != "grpo"
+        if not args.annotation_preflight or self.annotator is None or args.kl_coef == 0 or not routes_something:
+            return
+        if preflight_annotator(self.annotator):
+            logger.info("Annotator preflight passed: its server answered one annotation request.")
+
+    @property
+    def last_annotations(self) -> list[dict[str, Any]]:
+        """This process's rollouts of the last annotated generation batch, as annotation rows (`trace-trl annotate`'s
+        format, plus `annotated`, `action` and `routed_spans`: the character ranges routed after the cap).
+
+        Show them in Jupyter with `trace_trl.inspection.AnnotationView(trainer.last_annotations)`.
+        """
+        return [record.row(i) for i, record in enumerate(self._batch_builder.last_batch)]
+
+    def _log_completion_spans(self, n_local: int, routed: bool) -> None:
+        """Add the routed spans to TRL's completions table (`log_completions`: terminal, wandb, trackio, parquet).
+
+        Columns: `trace_routed` (the completion with its routed tokens in ⟦ ⟧, empty when nothing is routed),
+        `trace_kind` (`key` / `error`), `trace_type_label` and `trace_annotation` (`ok`, `not sent` when the rollout's
+        kind is not routed, `failed: <cause>`, `KL off`, or `eval (not annotated)`). GRPO has already flushed its extra
+        columns for this batch, so these are gathered and appended the same way, one value per rollout of every batch (train and eval), so
+        that every column of the table has one value per row.
+        """
+        from accelerate.utils import gather_object
+
+        from .routing import mark_routed
+
+        columns: dict[str, list[str]] = {name: [""] * n_local for name in COMPLETION_SPAN_COLUMNS}
+        columns["trace_annotation"] = ["KL off" if self.model.training else "eval (not annotated)"] * n_local
+        if routed:
+            for i, record in enumerate(self._batch_builder.last_batch[:n_local]):
+                text = record.request.completion
+                if record.routed_chars:
+                    columns["trace_routed"][i] = mark_routed(text, record.routed_chars)
+                    columns["trace_kind"][i] = record.kind
+                columns["trace_type_label"][i] = record.type_label or ""
+                if not record.annotated:
+                    status = "not sent (kind not routed)"
+                elif record.annotation.failed:
+                    status = f"failed: {record.annotation.error}"
+                else:
+                    status = "ok"
+                columns["trace_annotation"][i] = status
+        for name in COMPLETION_SPAN_COLUMNS:
+            self._logs["extra"][name].extend(gather_object(columns[name]))
+
+    def _dump_rollouts(self, stash: dict[str, Any]) -> None:
+        """Append this generation batch's rollouts to `dump_rollouts` (JSONL in `trace-trl annotate`'s columns)."""
+        from accelerate.utils import gather_object
+
+        from .annotators.base import prompt_to_text
+        from .routing import privileged_contexts
+
+        n = len(stash["prompts"])
+        rewards = self._rollout_rewards(stash["rewards_per_func"], n).float().cpu().tolist()
+        texts = self._tokenizer.batch_decode([list(map(int, ids)) for ids in stash["completion_ids_list"]],
+                                             skip_special_tokens=True)
+        column = self.args.privileged_context_column
+        references = (
+            privileged_contexts(stash["inputs"], column) if stash["inputs"] and column in stash["inputs"][0] else [None] * n
+        )
+        rows = [
+            {
+                "step": self.state.global_step,
+                "prompt": stash["prompts"][i],
+                "problem": prompt_to_text(stash["prompts"][i]),
+                "completion": texts[i],
+                "is_correct": bool(rewards[i] >= self.args.correct_reward_threshold),
+                "reward": None if math.isnan(rewards[i]) else rewards[i],
+                "reference": references[i],
+            }
+            for i in range(n)
+        ]
+        rows = gather_object(rows)
+        if self.accelerator.is_main_process:
+            path = os.path.abspath(self.args.dump_rollouts)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss

@@ -131,3 +131,34 @@ def bind_annotator(annotator: Any, trainer: TRACETrainer) -> None:
     bind = getattr(annotator, "bind", None)
     if callable(bind):
         bind(trainer)
+
+
+class AnnotatorPreflightError(RuntimeError):
+    """The annotator's server failed the one-request check before training (unreachable, not a chat-completions
+    endpoint, or it rejected the request); the message says why and what to do."""
+
+
+# Attributes under which the built-in wrappers keep the annotator they build on (`RandomSpanAnnotator(like=...)`,
+# `InvertedSpanAnnotator(base)`), so that a preflight reaches the server behind them.
+_WRAPPED_ANNOTATOR_ATTRIBUTES = ("like", "base")
+
+
+def preflight_annotator(annotator: Any) -> bool:
+    """Run the annotator's `preflight()` (or that of the annotator it wraps); `False` when it has none (no server).
+
+    Raises:
+        `AnnotatorPreflightError`: the server is unreachable, answers something that is not a chat completion, or
+        rejects the request.
+    """
+    seen: set[int] = set()
+    while annotator is not None and id(annotator) not in seen:
+        seen.add(id(annotator))
+        preflight = getattr(annotator, "preflight", None)
+        if callable(preflight):
+            preflight()
+            return True
+        annotator = next(
+            (getattr(annotator, name) for name in _WRAPPED_ANNOTATOR_ATTRIBUTES if getattr(annotator, name, None)),
+            None,
+        )
+    return False

@@ -9,19 +9,20 @@ disk so that a rerun or a resumed run never pays twice. Install with `pip instal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import Annotation, AnnotationRequest
+from .base import Annotation, AnnotationRequest, AnnotatorPreflightError
 from .cache import AnnotationCache, request_cache_key
 from .parsing import MAX_ANSWER_CHARS, AnnotationParseError, AnnotatorStats, AnswerTooLongError, strip_think_blocks
 from .prompts import (
@@ -48,6 +49,16 @@ REASK_MESSAGE = (
     '{"spans": [{"quote": "...", "kind": "key" or "error"}], "diagnosis": "<label>" or null}'
 )
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+TOKEN_LIMIT_PARAMS: tuple[str, ...] = ("max_tokens", "max_completion_tokens")
+# The rollout `OpenAIAnnotator.preflight` asks about: small (a few hundred prompt tokens), correct, with a key step.
+PREFLIGHT_REQUEST = AnnotationRequest(
+    prompt="What is 17 + 25?",
+    completion="We add the units: 7 + 5 = 12, write 2 and carry 1.\nThen the tens: 1 + 2 + 1 = 4.\nSo the answer is "
+    "\\boxed{42}.",
+    is_correct=True,
+    reward=1.0,
+    privileged_context="17 + 25 = 42.",
+)
 
 
 class OpenAIAnnotator:
@@ -88,10 +99,15 @@ class OpenAIAnnotator:
             System message replacing `prompts.SYSTEM_PROMPT`.
         max_key_spans (`int`, *optional*, defaults to `3`):
             Most key steps asked for in a correct rollout.
-        temperature (`float`, *optional*, defaults to `0.0`):
-            Sampling temperature of the annotator.
-        max_tokens (`int`, *optional*, defaults to `1024`):
-            Most tokens in the annotator's answer.
+        temperature (`float` or `None`, *optional*, defaults to `0.0`):
+            Sampling temperature of the annotator; `None` sends no `temperature` (the server's default). OpenAI's
+            reasoning models (o-series, gpt-5) reject any value but their default: use `None` for them.
+        max_tokens (`int` or `None`, *optional*, defaults to `1024`):
+            Most tokens in the annotator's answer, sent under the name `token_limit_param`; `None` sends no limit.
+            A reasoning model's hidden reasoning counts against it: give such models several thousand.
+        token_limit_param (`str`, *optional*, defaults to `"max_tokens"`):
+            Request field that carries `max_tokens`: `"max_tokens"` (every OpenAI-compatible server) or
+            `"max_completion_tokens"` (what OpenAI documents, and the only one its reasoning models accept).
         use_json_schema (`bool`, *optional*, defaults to `True`):
             Send `response_format={"type": "json_schema", ...}`. A server that rejects it (HTTP 400 mentioning
             `response_format` or `json_schema`) is asked again without it, and never again with it.
@@ -126,8 +142,9 @@ class OpenAIAnnotator:
         prompt_template: str | None = None,
         system_prompt: str | None = None,
         max_key_spans: int = 3,
-        temperature: float = 0.0,
-        max_tokens: int = 1024,
+        temperature: float | None = 0.0,
+        max_tokens: int | None = 1024,
+        token_limit_param: str = "max_tokens",
         use_json_schema: bool = True,
         reask_on_malformed: bool = False,
         extra_body: dict[str, Any] | None = None,
@@ -145,6 +162,14 @@ class OpenAIAnnotator:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
         if max_answer_chars < 1:
             raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}.")
+        if token_limit_param not in TOKEN_LIMIT_PARAMS:
+            raise ValueError(
+                f"token_limit_param must be one of {', '.join(TOKEN_LIMIT_PARAMS)}, got {token_limit_param!r}."
+            )
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive integer or None (no limit sent), got {max_tokens!r}.")
+        if temperature is not None and not 0.0 <= float(temperature) <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2] or None (not sent), got {temperature!r}.")
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
@@ -159,6 +184,7 @@ class OpenAIAnnotator:
         self.max_key_spans = max_key_spans
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.token_limit_param = token_limit_param
         self.use_json_schema = use_json_schema
         self.reask_on_malformed = reask_on_malformed
         self.extra_body = dict(extra_body or {})
@@ -173,6 +199,9 @@ class OpenAIAnnotator:
         # Set (and warned about, once) the first time an answer to a request with response_format is not JSON.
         self._structured_output_ignored = False
         self._stats = AnnotatorStats()
+        # The annotator's own event loop and the client that lives in it (made on the first call).
+        self._runner: _LoopThread | None = None
+        self._client: openai.AsyncOpenAI | None = None
 
     # --- what may and may not leave the process ------------------------------------------------------------------
 
@@ -189,6 +218,8 @@ class OpenAIAnnotator:
         # environment on unpickling.
         state = self.__dict__.copy()
         state.pop("_api_key", None)
+        # A thread, its loop and open connections cannot be copied: a copy makes its own on first use.
+        state["_runner"], state["_client"] = None, None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -196,6 +227,9 @@ class OpenAIAnnotator:
         self._api_key = os.environ.get(self.api_key_env)
         self.__dict__.setdefault("max_answer_chars", MAX_ANSWER_CHARS)
         self.__dict__.setdefault("_structured_output_ignored", False)
+        self.__dict__.setdefault("token_limit_param", "max_tokens")
+        self.__dict__.setdefault("_runner", None)
+        self.__dict__.setdefault("_client", None)
 
     def redact(self, text: str) -> str:
         """`text` without the API key (or a fragment of it) or any other credential; see `redaction.redact`."""
@@ -221,6 +255,7 @@ class OpenAIAnnotator:
                     if self.use_json_schema
                     else None,
                     "extra_body": self.extra_body,
+                    **self._limit_fingerprint(),
                 },
                 sort_keys=True,
                 default=str,
@@ -233,10 +268,16 @@ class OpenAIAnnotator:
                 "max_tokens": self.max_tokens,
                 "schema": RESPONSE_SCHEMA if self.use_json_schema else None,
                 "extra_body": self.extra_body,
+                **self._limit_fingerprint(),
             },
             sort_keys=True,
             default=str,
         )
+
+    def _limit_fingerprint(self) -> dict[str, str]:
+        # Only a non-default name enters the fingerprint, so caches written before the option existed stay valid.
+        limit = getattr(self, "token_limit_param", "max_tokens")
+        return {} if limit == "max_tokens" else {"token_limit_param": limit}
 
     # --- metrics ---------------------------------------------------------------------------------------------------
 
@@ -256,22 +297,88 @@ class OpenAIAnnotator:
     def reset_metrics(self) -> None:
         self._stats.reset()
 
+    # --- preflight ---------------------------------------------------------------------------------------------------
+
+    def preflight(self) -> Annotation:
+        """Send one annotation request (a tiny correct rollout, never cached or counted in `metrics()`) with this
+        annotator's exact settings, and raise when the server cannot serve a run.
+
+        Raises:
+            `AnnotatorPreflightError`: the server is unreachable or times out (after the retries), answers something
+            that is not a chat completion, or rejects the request (HTTP 4xx, e.g. a reasoning model refusing
+            `temperature` or `max_tokens`); the message holds the (redacted) cause and what to do.
+
+        An answer that arrives but is not a usable annotation only warns: the server works, the model's answers may
+        still parse on real rollouts (see `annotator/format_failures` during training).
+        """
+        stats, self._stats = self._stats, AnnotatorStats()  # the check is not part of the run's totals
+        try:
+            annotation = self._run_in_own_loop(self._preflight_once())
+        finally:
+            self._stats = stats
+        if not annotation.failed:
+            return annotation
+        usage = annotation.usage
+        if usage.get("format_failures") or usage.get("answers_too_long"):
+            logger.warning(
+                "Annotator preflight: the server at %s answered, but not with a usable annotation (%s). Training "
+                "starts; watch annotator/format_failures, and consider reask_on_malformed=True or another prompt.",
+                self.base_url or "the OpenAI API",
+                annotation.error,
+            )
+            return annotation
+        raise AnnotatorPreflightError(
+            f"The annotator server failed its one-request check before training (model {self.model!r} at "
+            f"{self.base_url or 'the OpenAI API'}): {annotation.error}. Nothing was trained. Fix the server, "
+            "`base_url`, model or request settings (reasoning models: `temperature=None`, "
+            "`token_limit_param='max_completion_tokens'`); try it with `trace-trl annotate --limit 5`; or skip this "
+            "check with `annotation_preflight=False`."
+        )
+
+    async def _preflight_once(self) -> Annotation:
+        return await self._annotate_guarded(self._shared_client(), asyncio.Semaphore(1), PREFLIGHT_REQUEST)
+
+    def _run_in_own_loop(self, coroutine: Any) -> Any:
+        """Run `coroutine` in the annotator's own event loop (a daemon thread), whatever loop the caller runs (Jupyter)."""
+        if self._runner is None or not self._runner.usable():
+            self._runner, self._client = _LoopThread(), None  # after a fork the parent's loop thread is gone
+        return self._runner.run(coroutine)
+
     # --- annotation --------------------------------------------------------------------------------------------------
 
     def __call__(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
         requests = list(requests)
         if not requests:
             return []
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.acall(requests))
-        # Called from inside an event loop (Jupyter): run ours in a worker thread rather than nest loops.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-annotator") as pool:
-            return pool.submit(asyncio.run, self.acall(requests)).result()
+        return self._run_in_own_loop(self._acall_with_shared_client(requests))
+
+    async def _acall_with_shared_client(self, requests: list[AnnotationRequest]) -> list[Annotation]:
+        return await self._acall(requests, self._shared_client())
+
+    def _shared_client(self) -> openai.AsyncOpenAI:
+        """The client of the annotator's own loop, made on first use. Building one costs a CA-bundle load (about 0.1
+        s of CPU) and each call with a fresh one opened new connections (a TLS handshake each, to a remote API); it
+        and its keep-alive connections now last across calls."""
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    def close(self) -> None:
+        """Close the shared client and stop the annotator's event loop (both are made again if it is called again)."""
+        runner, client = self._runner, self._client
+        self._runner, self._client = None, None
+        if runner is not None:
+            runner.stop(client)
 
     async def acall(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
-        """Annotate `requests` concurrently; one annotation per request, in order. Never raises for a bad answer."""
+        """Annotate `requests` concurrently; one annotation per request, in order. Never raises for a bad answer.
+
+        Runs in the caller's event loop with a client of its own (closed at the end); the synchronous call instead
+        reuses one client and its connections across calls, in the annotator's own loop.
+        """
+        return await self._acall(requests, None)
+
+    async def _acall(self, requests: Sequence[AnnotationRequest], client: openai.AsyncOpenAI | None) -> list[Annotation]:
         requests = list(requests)
         fingerprint = self.config_fingerprint
         keys = [request_cache_key(fingerprint, request) for request in requests]
@@ -279,12 +386,14 @@ class OpenAIAnnotator:
         # Identical rollouts (common for short answers) are asked about once.
         todo = {key: request for key, request in zip(keys, requests) if key not in results}
         if todo:
-            client = self._make_client()
+            own = client is None
+            client = self._make_client() if own else client
             try:
                 semaphore = asyncio.Semaphore(self.max_concurrency)
                 fresh = await asyncio.gather(*(self._annotate_guarded(client, semaphore, r) for r in todo.values()))
             finally:
-                await client.close()
+                if own:
+                    await client.close()
             results.update(zip(todo, fresh))
             await asyncio.to_thread(self._cache_put, [(key, results[key]) for key in todo])
         annotations = [results[key] for key in keys]
@@ -327,13 +436,12 @@ class OpenAIAnnotator:
     def _request_kwargs(
         self, messages: list[dict[str, str]], with_schema: bool, schema: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "timeout": self.timeout,
-        }
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "timeout": self.timeout}
+        # Omitted when `None`: reasoning models reject a non-default temperature and the `max_tokens` name.
+        if self.temperature is not None:
+            kwargs["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            kwargs[self.token_limit_param] = self.max_tokens
         if with_schema:
             kwargs["response_format"] = {"type": "json_schema", "json_schema": schema or RESPONSE_SCHEMA}
         if self.extra_body:
@@ -433,7 +541,10 @@ class OpenAIAnnotator:
             except AnnotationParseError as exc:
                 hint = ""
                 if answer.finish_reason == "length":
-                    hint = f" (the answer was cut at max_tokens={self.max_tokens}: raise max_tokens)"
+                    hint = (
+                        f" (the answer was cut at {self.token_limit_param}={self.max_tokens}: raise max_tokens; a "
+                        "reasoning model's hidden reasoning counts against it)"
+                    )
                 elif with_schema and not strip_think_blocks(text).lstrip().startswith("{"):
                     self._note_structured_output_ignored()
                     hint = (
@@ -491,6 +602,63 @@ class OpenAIAnnotator:
         logger.debug("Annotation failed: %s", error)
         flags = {kind: 1} if kind is not None else {}
         return Annotation.failure(error, usage={**self._usage(usage, started), **flags})
+
+
+async def _outcome(coroutine: Any) -> tuple[bool, Any]:
+    try:
+        return False, await coroutine
+    except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
+        return True, exc
+
+
+class _LoopThread:
+    """An event loop running in a daemon thread, owned by one annotator: the synchronous API submits coroutines to it,
+    so one HTTP client (and its keep-alive connections) serves every call, and a caller's own loop (Jupyter) is never
+    nested."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name="trace-annotator", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        # asyncio re-raises a task's KeyboardInterrupt / SystemExit out of `run_forever` (after recording it on the
+        # task, so the awaiting coroutine still sees it): keep the loop running for the caller waiting on it.
+        while True:
+            try:
+                self.loop.run_forever()
+                return  # stopped by `stop()`
+            except BaseException:  # noqa: BLE001
+                continue
+
+    def usable(self) -> bool:
+        return self.pid == os.getpid() and self.thread.is_alive() and not self.loop.is_closed()
+
+    def run(self, coroutine: Any) -> Any:
+        """`coroutine`'s result, or its exception raised here. Every exception, `KeyboardInterrupt` included, is caught
+        in the loop and re-raised in the caller: one escaping `run_forever` would end the loop thread and leave the
+        caller waiting forever. An interrupted caller cancels the coroutine."""
+        future = asyncio.run_coroutine_threadsafe(_outcome(coroutine), self.loop)
+        try:
+            failed, value = future.result()
+        except BaseException:
+            future.cancel()
+            raise
+        if failed:
+            raise value
+        return value
+
+    def stop(self, client: Any = None) -> None:
+        if not self.usable():
+            return
+        if client is not None:
+            with contextlib.suppress(Exception):
+                self.run(client.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class BadResponseError(ValueError):
