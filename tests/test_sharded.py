@@ -210,3 +210,41 @@ def test_fsdp2_with_gradient_checkpointing_matches_one_process(untied_tiny_model
     dumps = _run_parity(untied_tiny_model_dir, tmp_path, "fsdp2", False, gradient_checkpointing=True)
     monkeypatch.setenv("TRACE_TEST_OVERRIDES", json.dumps({"gradient_checkpointing": True}))
     _check_against_one_process(dumps, untied_tiny_model_dir, tmp_path, False)
+
+
+TEACHER_CASES = [
+    pytest.param("synced", False, False, id="synced-full-untied"),
+    pytest.param("synced", False, True, id="synced-full-tied"),
+    pytest.param("synced", True, True, id="synced-lora"),
+    pytest.param("ema", False, False, id="ema-full-untied"),
+    pytest.param("ema", True, True, id="ema-lora"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("teacher_kind", "peft", "tied"), TEACHER_CASES)
+def test_sharded_teacher_forward_is_the_policy_after_every_update_and_freed_after_the_kl_phase(
+    tiny_model_dir, untied_tiny_model_dir, tmp_path, engine, teacher_kind, peft, tied
+):
+    """With TRL's persistence threshold (ZeRO-3 keeps the norms and LoRA matrices gathered after their first forward)
+    the teacher's forward must equal a dense model built from the policy's current weights (synced after every step)
+    or their EMA, at train begin and after every update of the KL phase; nothing of the teacher copy (engine, modules,
+    parameters, shards) may outlive the KL phase, and `trace/teacher_memory_bytes` counts what the teacher holds
+    (shards plus ZeRO-3's gathered persistent parameters), 0 once it is released."""
+    model_dir = tiny_model_dir if tied else untied_tiny_model_dir
+    out_dir = str(tmp_path / engine)
+    args = [model_dir, out_dir, "teacher", "1" if peft else "0", teacher_kind]
+    launch_two_processes("sharded_worker.py", args, out_dir, 600, {"TRACE_TEST_ENGINE": engine})
+    for rank in range(2):
+        dump = torch.load(os.path.join(out_dir, f"teacher{rank}.pt"), weights_only=False)
+        checks = dump["checks"]
+        assert [c["step"] for c in checks] == [0, 1], checks
+        for c in checks:
+            assert c["max_abs_diff"] < 1e-5, f"rank {rank}: the teacher's forward is not the expected model: {checks}"
+        assert dump["released"] and dump["bytes_after"] == 0
+        logged = dump["logged_bytes"]
+        assert logged[0] == dump["held"][1] > 0, f"logged {logged} vs held {dump['held']}"
+        assert all(b == 0 for b in logged[1:]), logged
+        if not peft:  # a LoRA teacher adapter stays in the engine's units (never used again), a copy must go
+            assert dump["refs"] > 0 and dump["alive"] == 0, f"{dump['alive']} of the teacher copy's objects are alive"

@@ -35,9 +35,10 @@ from .losses import grpo_token_weights, normalize_like_grpo, routed_divergence, 
 from .model_card import add_trace_settings
 from .routing import Route, RoutedBatchBuilder
 from .schedule import kl_weight, kl_weight_sq_sum
-from .sharding import FSDP2, ZERO3, forward_through, full_tensor, is_dtensor, reshard, sharded_copy, sharding_engine
+from .sharding import FSDP2, ZERO3, forward_through, full_tensor, is_dtensor, reshard, sharding_engine
 from .spans import TokenLabel
 from .teacher import Teacher, causal_lm_of, lm_head_scaling, remove_teacher_adapters
+from .teacher_stores import sharded_store
 
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class TRACETrainer(GRPOTrainer):
             sync_steps=args.teacher_sync_steps,
             reference_model=self.ref_model,
             kl_finished=self._kl_channel_off,
-            shard=(lambda policy: sharded_copy(policy, self.accelerator, engine)) if engine else None,
+            shard=(lambda policy: sharded_store(policy, self.accelerator, engine)) if engine else None,
         )
         self.add_callback(_TeacherUpdateCallback(self))
         teacher_context = TeacherContextBuilder(
