@@ -161,7 +161,7 @@ def _fake_trainer(fsdp_version: int | None = None, zero_stage: int | None = None
 
 
 def test_sharded_engines_are_accepted_and_what_cannot_run_is_refused_with_advice():
-    from trace_trl.trainer import _check_sharded_training
+    from trace_trl.config import _check_sharded_training
 
     args = types.SimpleNamespace(kl_coef=0.5, kl_topk=None)
     assert _check_sharded_training(_fake_trainer(fsdp_version=2), args) == "fsdp2"
