@@ -162,20 +162,27 @@ class AdapterStore:
         # same rollouts whatever the teacher kind.
         with torch.random.fork_rng(devices=[]):
             _add_teacher_adapter(policy, name)
-        self._params = [p for n, p in policy.named_parameters() if f".{name}." in n]
+        # The policy module, not its parameters: FSDP2 replaces a unit's parameters with sharded ones when it wraps
+        # the policy (in place), so the adapter's parameters are looked up on each use.
+        self._policy: nn.Module | None = policy
+
+    def _params(self) -> list[torch.Tensor]:
+        if self._policy is None:
+            return []
+        return [p for n, p in self._policy.named_parameters() if f".{self.name}." in n]
 
     @torch.no_grad()
     def sync(self, policy: nn.Module) -> None:
         for teacher_param, student_param in _adapter_pairs(policy, self.name):
             local_shard(teacher_param).copy_(local_shard(student_param))
-        refresh_gathered(self._params)
+        refresh_gathered(self._params())
 
     @torch.no_grad()
     def ema(self, policy: nn.Module, rate: float) -> None:
         for teacher_param, student_param in _adapter_pairs(policy, self.name):
             teacher, student = local_shard(teacher_param), local_shard(student_param)
             teacher.lerp_(student.detach().to(teacher.dtype), rate)
-        refresh_gathered(self._params)
+        refresh_gathered(self._params())
 
     @contextlib.contextmanager
     def view(self, policy: nn.Module, wrapper: nn.Module | None) -> Iterator[TeacherView]:
@@ -212,14 +219,14 @@ class AdapterStore:
         if self.released:
             return
         self.released = True
-        self._params = []
+        self._policy = None
         if not self.sharded and policy is not None and self.name in getattr(policy, "peft_config", {}):
             trained = _trained_adapter_name(policy)
             policy.delete_adapter(self.name)
             policy.set_adapter(trained)
 
     def memory_bytes(self) -> int:
-        return sum(held_bytes(p) for p in self._params)
+        return sum(held_bytes(p) for p in self._params())
 
     def freeze(self, policy: nn.Module) -> None:
         _freeze_adapter(policy, self.name)
