@@ -355,6 +355,10 @@ class TRACETrainer(GRPOTrainer):
         """This process's unclipped per-token divergences of the last KL-phase micro-step, by kind (`KLChannel`)."""
         return self.kl_channel.last_routed_divergences
 
+    @last_routed_divergences.setter
+    def last_routed_divergences(self, value: dict[str, torch.Tensor]) -> None:
+        self.kl_channel.last_routed_divergences = value
+
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------------------
