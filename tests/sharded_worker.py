@@ -159,13 +159,23 @@ def parity(trainer: TRACETrainer, out_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def train(trainer: TRACETrainer, out_dir: str, resume: str | None) -> None:
+def train(trainer: TRACETrainer, out_dir: str, resume: str | None, model_dir: str) -> None:
     trainer.train(resume_from_checkpoint=resume)
     final_dir = os.path.join(out_dir, "final-model")
     save_final_model(trainer, final_dir)  # what `trace-trl train` saves: full weights, whatever the engine
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     state = trainer.teacher.state_dict(unwrapped) if not trainer.teacher.released else {}
-    dump = {"weights": gathered_state_dict(trainer.model_wrapped), "teacher": state, "step": trainer.state.global_step}
+    # The teacher's forward against a dense model of its gathered partitions (what a checkpoint holds): a gathered
+    # value left stale by a sync or a load would differ.
+    probe_diff = None
+    if state:
+        probe_diff = (teacher_probe_logits(trainer) - dense_probe_logits(model_dir, state, False)).abs().max().item()
+    dump = {
+        "weights": gathered_state_dict(trainer.model_wrapped),
+        "teacher": state,
+        "step": trainer.state.global_step,
+        "teacher_probe_diff": probe_diff,
+    }
     if trainer.accelerator.is_main_process:
         torch.save(dump, os.path.join(out_dir, "final.pt"))
     trainer.accelerator.wait_for_everyone()
@@ -394,7 +404,7 @@ def main(model_dir: str, out_dir: str, mode: str, peft: bool, teacher_kind: str 
     overrides = dict(max_steps=4, save_strategy="steps", save_steps=2, teacher_sync_steps=3, kl_warmup_steps=100)
     run_dir = os.path.join(os.path.dirname(out_dir), "run")
     trainer = build(model_dir, run_dir if mode == "train" else out_dir, peft, **overrides)
-    train(trainer, out_dir, os.path.join(run_dir, "out", "checkpoint-2") if mode == "resume" else None)
+    train(trainer, out_dir, os.path.join(run_dir, "out", "checkpoint-2") if mode == "resume" else None, model_dir)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def _check_against_one_process(dumps, model_dir, tmp_path, peft: bool, teacher_k
 @pytest.mark.parametrize("engine", ENGINES)
 def test_sharded_engine_resumes_exactly_between_two_teacher_syncs(untied_tiny_model_dir, tmp_path, engine):
     """4 steps in one go vs. stopped at checkpoint-2 (the synced teacher syncs at steps 0 and 3, so the checkpoint
-    holds the teacher's gathered snapshot of step 0) and resumed: bit-identical weights and teacher."""
+    holds the teacher's gathered snapshot of step 0) and resumed: bit-identical weights and teacher, with ZeRO-3's
+    non-zero persistence threshold, and the teacher's forward running exactly its saved weights at the end."""
     env = {"TRACE_TEST_ENGINE": engine}
     finals = []
     for mode in ("train", "resume"):
@@ -151,6 +152,11 @@ def test_sharded_engine_resumes_exactly_between_two_teacher_syncs(untied_tiny_mo
     assert uninterrupted["teacher"] and uninterrupted["teacher"].keys() == resumed["teacher"].keys()
     for name, value in uninterrupted["teacher"].items():
         assert torch.equal(value, resumed["teacher"][name]), f"resumed teacher differs: {name}"
+    # And the teacher runs those weights (ZeRO-3 keeps the norms gathered: each sync and load must refresh them).
+    for final in finals:
+        assert final["teacher_probe_diff"] is not None and final["teacher_probe_diff"] < 1e-5, final[
+            "teacher_probe_diff"
+        ]
 
 
 def _fake_trainer(fsdp_version: int | None = None, zero_stage: int | None = None):
