@@ -11,13 +11,18 @@ Modes:
   `multiprocess_worker.CASES`, and dumps them with the batch, the full weights, the teacher's full weights and logs.
 - `train`: trains to `max_steps` (checkpoints every 2 steps), or resumes from `<out_dir>/../run/checkpoint-2` with
   `resume`, and dumps the full weights and the teacher's full weights at the end.
+- `teacher`: trains three steps with a teacher synced (or EMA-updated) after every optimizer step and the KL channel
+  on for steps 0-1 only; at train begin and after every step of the KL phase, the teacher's forward on a fixed probe
+  is compared with a dense one-process model built from the policy's current (or EMA-averaged) gathered weights, and
+  after `train()` weak references show whether the teacher copy and its shards are still alive. Dumps the comparisons,
+  the logged `trace/teacher_memory_bytes` and the bytes alive when they were logged.
 - `gpu`: on CUDA (NCCL), bf16 mixed precision, gradient checkpointing: two steps with the KL channel (synced
   teacher), then dumps the logs, the losses and the peak CUDA memory (the GPU tests in `test_gpu.py`).
 
 The engine is `TRACE_TEST_ENGINE` (`fsdp2`, the default, or `zero3`); `TRACE_TEST_OVERRIDES` (JSON) adds config
 fields to both sides.
 
-Usage: python sharded_worker.py MODEL_DIR OUT_DIR MODE(parity|train|resume|gpu) PEFT(0|1) [TEACHER_KIND]
+Usage: python sharded_worker.py MODEL_DIR OUT_DIR MODE(parity|train|resume|teacher|gpu) PEFT(0|1) [TEACHER_KIND]
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ FSDP_CONFIG = {
     "reshard_after_forward": True,
     "state_dict_type": "SHARDED_STATE_DICT",
 }
-# ZeRO-3 without offload, fp32, and every parameter partitioned (no persistence threshold: the tiny model's tensors
-# would otherwise all stay gathered); a torch optimizer, since DeepSpeed's own would need compiled CPU ops.
+# ZeRO-3 without offload, fp32, with TRL's persistence threshold (`10 x hidden_size` = 640 for the tiny model: its
+# norms, q/k norms and LoRA matrices stay gathered after their first forward, its projections and embeddings are
+# partitioned); a torch optimizer, since DeepSpeed's own would need compiled CPU ops.
 ZERO3_CONFIG = {
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",
@@ -58,7 +64,7 @@ ZERO3_CONFIG = {
     "zero_optimization": {
         "stage": 3,
         "stage3_gather_16bit_weights_on_model_save": True,  # as examples/accelerate/zero3.yaml: full final weights
-        "stage3_param_persistence_threshold": 0,
+        "stage3_param_persistence_threshold": 640,
         "stage3_max_reuse_distance": 0,
         "stage3_prefetch_bucket_size": 0,
     },
@@ -131,8 +137,8 @@ def parity(trainer: TRACETrainer, out_dir: str) -> None:
     unwrapped = trainer.accelerator.unwrap_model(model)
     if trainer.teacher.kind != "live":
         teacher_params = (
-            trainer.teacher._copy.parameters()
-            if trainer.teacher._copy is not None
+            trainer.teacher.copy.parameters()
+            if trainer.teacher.copy is not None
             else (p for n, p in unwrapped.named_parameters() if f".{trainer.teacher.adapter_name}." in n)
         )
         assert is_sharded(next(teacher_params)), "the teacher should be sharded"
@@ -153,15 +159,193 @@ def parity(trainer: TRACETrainer, out_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def train(trainer: TRACETrainer, out_dir: str, resume: str | None) -> None:
+def train(trainer: TRACETrainer, out_dir: str, resume: str | None, model_dir: str) -> None:
     trainer.train(resume_from_checkpoint=resume)
     final_dir = os.path.join(out_dir, "final-model")
     save_final_model(trainer, final_dir)  # what `trace-trl train` saves: full weights, whatever the engine
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     state = trainer.teacher.state_dict(unwrapped) if not trainer.teacher.released else {}
-    dump = {"weights": gathered_state_dict(trainer.model_wrapped), "teacher": state, "step": trainer.state.global_step}
+    # The teacher's forward against a dense model of its gathered partitions (what a checkpoint holds): a gathered
+    # value left stale by a sync or a load would differ.
+    probe_diff = None
+    if state:
+        probe_diff = (teacher_probe_logits(trainer) - dense_probe_logits(model_dir, state, False)).abs().max().item()
+    dump = {
+        "weights": gathered_state_dict(trainer.model_wrapped),
+        "teacher": state,
+        "step": trainer.state.global_step,
+        "teacher_probe_diff": probe_diff,
+    }
     if trainer.accelerator.is_main_process:
         torch.save(dump, os.path.join(out_dir, "final.pt"))
+    trainer.accelerator.wait_for_everyone()
+
+
+PROBE_IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 61, 7, 12, 140, 33]])
+
+
+def teacher_probe_logits(trainer: TRACETrainer) -> torch.Tensor:
+    """The teacher's logits on `PROBE_IDS`, run as the KL channel runs it (through the engine, head gathered)."""
+    from trace_trl.sharding import forward_through, reshard
+
+    model = trainer.model_wrapped
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    ids = PROBE_IDS.to(trainer.accelerator.device)
+
+    def decoder(view):
+        return view.backbone(input_ids=ids, use_cache=False).last_hidden_state
+
+    with torch.no_grad(), trainer.teacher.activate(unwrapped, wrapper=model) as view:
+        hidden = forward_through(view.wrapper, view.root, decoder, view)
+        reshard(view.wrapper)
+        weight, bias = view.head()
+        return torch.nn.functional.linear(hidden, full_tensor(weight), full_tensor(bias)).detach().cpu()
+
+
+def dense_probe_logits(model_dir: str, state: dict[str, torch.Tensor], peft: bool) -> torch.Tensor:
+    """The logits on `PROBE_IDS` of a plain one-process model (LoRA: with the default adapter) holding `state`."""
+    import transformers.integrations.deepspeed as hf_deepspeed
+    from transformers import AutoModelForCausalLM
+
+    # Outside ZeRO-3's reach: Transformers would otherwise partition a model loaded in a DeepSpeed process.
+    ds_config, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
+    try:
+        dense = AutoModelForCausalLM.from_pretrained(model_dir)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ds_config
+    if peft:
+        from peft import get_peft_model
+        from trainer_helpers import lora_config
+
+        dense = get_peft_model(dense, lora_config())
+    params = dict(dense.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in params:
+                params[name].copy_(value)
+    dense.eval()
+    with torch.no_grad():
+        return dense(input_ids=PROBE_IDS).logits.detach()
+
+
+def teacher_tensors(trainer: TRACETrainer) -> tuple[list[torch.Tensor], list[object]]:
+    """The teacher's own parameters (its copy's, or its adapter's) and what holds them (modules, engine)."""
+    teacher = trainer.teacher
+    if teacher.copy is not None:
+        copy = teacher.copy
+        from trace_trl.sharding import unwrap_engine
+
+        return list(unwrap_engine(copy).parameters()), [copy, unwrap_engine(copy)]
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    return [p for n, p in unwrapped.named_parameters() if f".{teacher.adapter_name}." in n], []
+
+
+def held_bytes(params: list[torch.Tensor]) -> int:
+    """Bytes these parameters hold on this process: the local shard, plus the full value a ZeRO-3 parameter keeps
+    gathered between forwards."""
+    from trace_trl.sharding import local_shard
+
+    total = 0
+    for p in params:
+        shard = local_shard(p)
+        total += shard.numel() * shard.element_size()
+        if is_zero3_param(p) and p.data.numel():
+            total += p.data.numel() * p.data.element_size()
+    return total
+
+
+def _print_holders(target) -> None:
+    import gc
+    import types
+    from collections import deque
+
+    module_dicts = {id(vars(m)): name for name, m in list(sys.modules.items()) if m is not None}
+    queue, seen, found = deque([(target, [])]), {id(target)}, 0
+    while queue and found < 8:
+        obj, path = queue.popleft()
+        for ref in gc.get_referrers(obj):
+            if isinstance(ref, types.FrameType) or id(ref) in seen or ref is queue:
+                continue
+            seen.add(id(ref))
+            desc = type(ref).__name__
+            if isinstance(ref, dict) and id(ref) in module_dicts:
+                print(
+                    "HOLDER",
+                    module_dicts[id(ref)],
+                    [k for k, v in ref.items() if v is obj][:3],
+                    path[-10:],
+                    flush=True,
+                )
+                found += 1
+                continue
+            if isinstance(ref, dict):
+                desc += "[" + ",".join(str(k) for k, v in list(ref.items()) if v is obj)[:50] + "]"
+            if isinstance(ref, types.FunctionType | types.MethodType):
+                desc += ":" + getattr(ref, "__qualname__", "")
+            if len(path) < 30:
+                queue.append((ref, [*path, desc]))
+
+
+def teacher_checks(trainer: TRACETrainer, model_dir: str, out_dir: str, peft: bool) -> None:
+    import gc
+    import weakref
+
+    from transformers import TrainerCallback
+
+    rank = trainer.accelerator.process_index
+    kind = trainer.teacher.kind
+    rate = trainer.args.teacher_ema_rate
+    checks, held, refs = [], [], []
+    ema: dict[str, torch.Tensor] = {}
+
+    def policy_state() -> dict[str, torch.Tensor]:
+        # The policy's weights (with LoRA: the base weights and the trained adapter), gathered without touching the
+        # teacher's adapter: a gather re-partitions what it gathers, which would hide a stale gathered value.
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        return {n: full_tensor(p).cpu() for n, p in unwrapped.named_parameters() if ".trace_" not in n}
+
+    def check(step: int, where: str) -> None:
+        nonlocal ema
+        params, holders = teacher_tensors(trainer)
+        held.append(held_bytes(params))  # first: what the teacher holds as the step's metric was logged
+        state = policy_state()
+        if kind == "ema":
+            ema = state if not ema else {n: ema[n].lerp(v, rate) for n, v in state.items()}
+            state = ema
+        got = teacher_probe_logits(trainer)
+        want = dense_probe_logits(model_dir, state, peft)
+        checks.append({"step": step, "where": where, "max_abs_diff": (got - want).abs().max().item()})
+        if not peft:
+            from trace_trl.sharding import local_shard
+
+            refs[:] = [weakref.ref(x) for x in [*holders, *params, *(local_shard(p) for p in params)]]
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            check(0, "train begin")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not trainer.teacher.released:
+                check(state.global_step, "after the teacher's update")
+
+    trainer.add_callback(Probe())  # after the teacher's own callback: sees the teacher each step trains with
+    trainer.train()
+    gc.collect()
+    if os.environ.get("TRACE_DEBUG_REFS"):
+        alive = [r() for r in refs if r() is not None]
+        if alive:
+            _print_holders(alive[1] if len(alive) > 1 else alive[0])
+    logs = [r["trace/teacher_memory_bytes"] for r in trainer.state.log_history if "trace/teacher_memory_bytes" in r]
+    dump = {
+        "checks": checks,
+        "held": held,
+        "logged_bytes": logs,
+        "released": trainer.teacher.released,
+        "refs": len(refs),
+        "alive": sum(r() is not None for r in refs),
+        "bytes_after": trainer.teacher.memory_bytes(),
+    }
+    torch.save(dump, os.path.join(out_dir, f"teacher{rank}.pt"))
     trainer.accelerator.wait_for_everyone()
 
 
@@ -205,6 +389,12 @@ def main(model_dir: str, out_dir: str, mode: str, peft: bool, teacher_kind: str 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         gpu(model_dir, out_dir, peft)
         return
+    if mode == "teacher":
+        # The teacher is synced (or EMA-updated) after every step; the KL weight is 0 from step 2 on (released).
+        settings = dict(max_steps=3, teacher_sync_steps=1, kl_warmup_steps=2, kl_decay_steps=0)
+        trainer = build(model_dir, out_dir, peft, teacher_kind=teacher_kind, **settings)
+        teacher_checks(trainer, model_dir, out_dir, peft)
+        return
     if mode == "parity":
         trainer = build(model_dir, out_dir, peft, annotator=RankZeroAnnotator(), teacher_kind=teacher_kind)
         assert trainer.accelerator.num_processes == 2
@@ -214,7 +404,7 @@ def main(model_dir: str, out_dir: str, mode: str, peft: bool, teacher_kind: str 
     overrides = dict(max_steps=4, save_strategy="steps", save_steps=2, teacher_sync_steps=3, kl_warmup_steps=100)
     run_dir = os.path.join(os.path.dirname(out_dir), "run")
     trainer = build(model_dir, run_dir if mode == "train" else out_dir, peft, **overrides)
-    train(trainer, out_dir, os.path.join(run_dir, "out", "checkpoint-2") if mode == "resume" else None)
+    train(trainer, out_dir, os.path.join(run_dir, "out", "checkpoint-2") if mode == "resume" else None, model_dir)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_full_finetuning_update_is_one_minus_r_teacher_plus_r_student(tiny_model
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     teacher = Teacher("ema", policy, ema_rate=rate)
-    copy = teacher._copy
+    copy = teacher.copy
     assert copy is not None and not any(p.requires_grad for p in copy.parameters())
     # Make teacher and student differ in every parameter, then check the rule parameter by parameter.
     _perturb(policy.parameters(), seed=1)
@@ -147,7 +147,7 @@ def test_full_finetuning_ema_copy_is_outside_the_optimizer(tiny_model_dir, tiny_
     trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, max_steps=1)
     trainer.train()
     ids = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    copy = trainer.teacher._copy
+    copy = trainer.teacher.copy
     assert copy is not None
     assert not any(id(p) in ids for p in copy.parameters())
     assert not any(p.requires_grad for p in copy.parameters())

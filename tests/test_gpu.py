@@ -127,9 +127,13 @@ def test_trace_peak_memory_is_well_below_dense_self_distillation(qwen_model_dir,
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
-def test_bf16_steps_under_sharded_engines(untied_tiny_model_dir, tmp_path, engine, peft):
+@pytest.mark.parametrize("clip", ["token", None], ids=["token-clip", "unclipped"])
+def test_bf16_steps_under_sharded_engines(untied_tiny_model_dir, tmp_path, engine, peft, clip):
     """bf16 TRACE steps (KL channel on, synced teacher sharded like the policy) under FSDP2 and DeepSpeed ZeRO-3, on
-    every visible GPU up to two (NCCL), through the same worker the CPU tests use (`sharded_worker.py`)."""
+    every visible GPU up to two (NCCL), through the same worker the CPU tests use (`sharded_worker.py`). Unclipped
+    (`kl_term_clip=None`) the divergence would take TRL's kernel on CUDA, which crashes on the gathered teacher head
+    under ZeRO-3; it must take the project's kernel there."""
+    import json
     import os
 
     from multiprocess_helpers import launch_processes
@@ -139,7 +143,15 @@ def test_bf16_steps_under_sharded_engines(untied_tiny_model_dir, tmp_path, engin
     world = min(2, torch.cuda.device_count())
     out_dir = str(tmp_path / "out")
     args = [untied_tiny_model_dir, out_dir, "gpu", "1" if peft else "0"]
-    launch_processes("sharded_worker.py", args, out_dir, world, 600, {"TRACE_TEST_ENGINE": engine})
+    overrides = json.dumps({} if clip == "token" else {"kl_term_clip": None})
+    launch_processes(
+        "sharded_worker.py",
+        args,
+        out_dir,
+        world,
+        600,
+        {"TRACE_TEST_ENGINE": engine, "TRACE_TEST_OVERRIDES": overrides},
+    )
     for rank in range(world):
         dump = torch.load(os.path.join(out_dir, f"gpu{rank}.pt"), weights_only=False)
         assert dump["world"] == world and len(dump["losses"]) == 2

@@ -94,6 +94,6 @@ def test_checkpoint_inside_a_generation_window_warns(tmp_path, caplog, ga, spg, 
         save_steps=save_steps,
         per_device_train_batch_size=4 * spg // ga if spg > ga else 4,
     )
-    with caplog.at_level(logging.WARNING, logger="trace_trl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trace_trl"):
         _warn_if_resume_is_inexact(args)
     assert any("generation window" in r.getMessage() for r in caplog.records) == warns

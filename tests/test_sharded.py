@@ -128,7 +128,8 @@ def _check_against_one_process(dumps, model_dir, tmp_path, peft: bool, teacher_k
 @pytest.mark.parametrize("engine", ENGINES)
 def test_sharded_engine_resumes_exactly_between_two_teacher_syncs(untied_tiny_model_dir, tmp_path, engine):
     """4 steps in one go vs. stopped at checkpoint-2 (the synced teacher syncs at steps 0 and 3, so the checkpoint
-    holds the teacher's gathered snapshot of step 0) and resumed: bit-identical weights and teacher."""
+    holds the teacher's gathered snapshot of step 0) and resumed: bit-identical weights and teacher, with ZeRO-3's
+    non-zero persistence threshold, and the teacher's forward running exactly its saved weights at the end."""
     env = {"TRACE_TEST_ENGINE": engine}
     finals = []
     for mode in ("train", "resume"):
@@ -151,6 +152,11 @@ def test_sharded_engine_resumes_exactly_between_two_teacher_syncs(untied_tiny_mo
     assert uninterrupted["teacher"] and uninterrupted["teacher"].keys() == resumed["teacher"].keys()
     for name, value in uninterrupted["teacher"].items():
         assert torch.equal(value, resumed["teacher"][name]), f"resumed teacher differs: {name}"
+    # And the teacher runs those weights (ZeRO-3 keeps the norms gathered: each sync and load must refresh them).
+    for final in finals:
+        assert final["teacher_probe_diff"] is not None and final["teacher_probe_diff"] < 1e-5, final[
+            "teacher_probe_diff"
+        ]
 
 
 def _fake_trainer(fsdp_version: int | None = None, zero_stage: int | None = None):
@@ -161,7 +167,7 @@ def _fake_trainer(fsdp_version: int | None = None, zero_stage: int | None = None
 
 
 def test_sharded_engines_are_accepted_and_what_cannot_run_is_refused_with_advice():
-    from trace_trl.trainer import _check_sharded_training
+    from trace_trl.config import _check_sharded_training
 
     args = types.SimpleNamespace(kl_coef=0.5, kl_topk=None)
     assert _check_sharded_training(_fake_trainer(fsdp_version=2), args) == "fsdp2"
@@ -210,3 +216,41 @@ def test_fsdp2_with_gradient_checkpointing_matches_one_process(untied_tiny_model
     dumps = _run_parity(untied_tiny_model_dir, tmp_path, "fsdp2", False, gradient_checkpointing=True)
     monkeypatch.setenv("TRACE_TEST_OVERRIDES", json.dumps({"gradient_checkpointing": True}))
     _check_against_one_process(dumps, untied_tiny_model_dir, tmp_path, False)
+
+
+TEACHER_CASES = [
+    pytest.param("synced", False, False, id="synced-full-untied"),
+    pytest.param("synced", False, True, id="synced-full-tied"),
+    pytest.param("synced", True, True, id="synced-lora"),
+    pytest.param("ema", False, False, id="ema-full-untied"),
+    pytest.param("ema", True, True, id="ema-lora"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("teacher_kind", "peft", "tied"), TEACHER_CASES)
+def test_sharded_teacher_forward_is_the_policy_after_every_update_and_freed_after_the_kl_phase(
+    tiny_model_dir, untied_tiny_model_dir, tmp_path, engine, teacher_kind, peft, tied
+):
+    """With TRL's persistence threshold (ZeRO-3 keeps the norms and LoRA matrices gathered after their first forward)
+    the teacher's forward must equal a dense model built from the policy's current weights (synced after every step)
+    or their EMA, at train begin and after every update of the KL phase; nothing of the teacher copy (engine, modules,
+    parameters, shards) may outlive the KL phase, and `trace/teacher_memory_bytes` counts what the teacher holds
+    (shards plus ZeRO-3's gathered persistent parameters), 0 once it is released."""
+    model_dir = tiny_model_dir if tied else untied_tiny_model_dir
+    out_dir = str(tmp_path / engine)
+    args = [model_dir, out_dir, "teacher", "1" if peft else "0", teacher_kind]
+    launch_two_processes("sharded_worker.py", args, out_dir, 600, {"TRACE_TEST_ENGINE": engine})
+    for rank in range(2):
+        dump = torch.load(os.path.join(out_dir, f"teacher{rank}.pt"), weights_only=False)
+        checks = dump["checks"]
+        assert [c["step"] for c in checks] == [0, 1], checks
+        for c in checks:
+            assert c["max_abs_diff"] < 1e-5, f"rank {rank}: the teacher's forward is not the expected model: {checks}"
+        assert dump["released"] and dump["bytes_after"] == 0
+        logged = dump["logged_bytes"]
+        assert logged[0] == dump["held"][1] > 0, f"logged {logged} vs held {dump['held']}"
+        assert all(b == 0 for b in logged[1:]), logged
+        if not peft:  # a LoRA teacher adapter stays in the engine's units (never used again), a copy must go
+            assert dump["refs"] > 0 and dump["alive"] == 0, f"{dump['alive']} of the teacher copy's objects are alive"

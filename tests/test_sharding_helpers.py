@@ -88,3 +88,72 @@ def test_a_zero3_head_is_gathered_once_per_pass_whatever_is_routed(monkeypatch, 
         assert head.grad is None  # nothing routed: no gradient to add, but the gathers were joined
     else:
         assert head.grad is not None and head.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+def test_the_unclipped_zero3_divergence_runs_through_the_project_kernel(monkeypatch, kind):
+    """Under ZeRO-3 the teacher head reaches the kernel gathered into a plain tensor. TRL's kernel (taken on CUDA for
+    the unclipped divergence and the token clip) reads `.ds_status` on every head it is given and crashes on it; the
+    project's kernel gathers only partitioned parameters. Reproduced on CPU with ZeRO-3 reported as enabled and the
+    device reported as CUDA: the divergence must take the project's kernel and equal the dense reference."""
+    import transformers.integrations.deepspeed as hf_deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from trace_trl import losses
+    from trace_trl.losses import token_divergence
+
+    torch.manual_seed(0)
+    vocab, hidden, n = 37, 8, 5
+    head = torch.nn.Parameter(torch.randn(vocab, hidden))
+    head.ds_tensor, head.ds_status = head.data, ZeroParamStatus.AVAILABLE  # a gathered ZeRO-3 parameter
+    teacher_head = torch.randn(vocab, hidden)  # `full_tensor` of the teacher's head: a plain tensor
+    student, teacher = torch.randn(n, hidden, requires_grad=True), torch.randn(n, hidden)
+
+    monkeypatch.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(AttributeError, match="ds_status"):  # what TRL's kernel does with the teacher's head
+        losses._trl_full_vocab(student, teacher, (head, None), (teacher_head, None), kind, 1.0, 1.0, None)
+
+    real = losses._trl_kernel_applies
+    monkeypatch.setattr(losses, "_trl_kernel_applies", lambda device_type: real("cuda"))
+    trl_calls = []
+    monkeypatch.setattr(losses, "_trl_full_vocab", lambda *a: trl_calls.append(a))
+    for clip in (None, 0.05):
+        divergence = routed_divergence(
+            student, teacher, (head, None), (teacher_head, None), kind, term_clip=clip, clip_mode="token"
+        )
+        reference = token_divergence(student @ head.T, teacher @ teacher_head.T, kind, term_clip=clip)
+        torch.testing.assert_close(divergence, reference.float(), rtol=1e-5, atol=1e-6)
+        (grad,) = torch.autograd.grad(divergence.sum(), student)
+        (want,) = torch.autograd.grad(reference.sum(), student)
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
+    assert trl_calls == [], "under ZeRO-3 the divergence must not take TRL's kernel"
+    # Without ZeRO-3, on CUDA, TRL's kernel is the one taken.
+    monkeypatch.setattr(hf_deepspeed, "is_deepspeed_zero3_enabled", lambda: False)
+    assert real("cuda") and not real("cpu")
+
+
+def test_the_zero3_teacher_engine_has_the_policys_zero_settings():
+    """TRL's `prepare_deepspeed` sets its inference settings as dotted top-level keys, which DeepSpeed's config never
+    reads: an engine built with them silently keeps the run's persistence threshold and prefetch. The teacher's
+    engine takes the run's ZeRO-3 settings on purpose (the same gathers as the policy's forward, its persistent
+    parameters refreshed after every write), without the training-only blocks."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from trace_trl.sharding import zero3_inference_config
+
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 640, "stage3_prefetch_bucket_size": 0}
+    run = {
+        "train_batch_size": 2,
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
+        "scheduler": {"type": "WarmupLR"},
+        "zero_optimization": {**zero, "offload_optimizer": {"device": "cpu"}},
+    }
+    dotted = {**run, "zero_optimization.stage3_param_persistence_threshold": 0}
+    assert DeepSpeedConfig(dotted).zero_config.param_persistence_threshold == 640, "DeepSpeed reads dotted keys now"
+    config = zero3_inference_config(run)
+    assert "optimizer" not in config and "scheduler" not in config
+    assert config["zero_optimization"] == zero
+    assert run["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}, "the run's config must not change"
+    parsed = DeepSpeedConfig(config).zero_config
+    assert parsed.param_persistence_threshold == 640 and parsed.prefetch_bucket_size == 0

@@ -34,8 +34,8 @@ def _make(model_dir, tokenizer, tmp_path, peft=False, **overrides):
 def _teacher_weights(trainer) -> dict[str, torch.Tensor]:
     """The synced teacher's tensors, keyed like the policy's trained tensors they snapshot."""
     teacher = trainer.teacher
-    if teacher._copy is not None:
-        return {n: p.detach().clone() for n, p in teacher._copy.named_parameters()}
+    if teacher.copy is not None:
+        return {n: p.detach().clone() for n, p in teacher.copy.named_parameters()}
     model = trainer.accelerator.unwrap_model(trainer.model)
     tag = f".{SYNCED_ADAPTER_NAME}."
     return {n.replace(tag, ".default."): p.detach().clone() for n, p in model.named_parameters() if tag in n}
@@ -60,7 +60,7 @@ def test_teacher_is_the_snapshot_of_the_last_sync_step_and_is_released_after_the
     trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, peft=peft, max_steps=6)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not peft:
-        assert trainer.teacher._copy is None, "the full fine-tuning copy must be made after accelerator.prepare"
+        assert trainer.teacher.copy is None, "the full fine-tuning copy must be made after accelerator.prepare"
     policy_at, teacher_at, checks = {}, {}, {}
 
     class Record(TrainerCallback):
@@ -73,9 +73,9 @@ def test_teacher_is_the_snapshot_of_the_last_sync_step_and_is_released_after_the
             policy_at[step] = _policy_weights(trainer, peft)
             teacher_at[step] = _teacher_weights(trainer)
             optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-            if trainer.teacher._copy is not None:
-                frozen = list(trainer.teacher._copy.parameters())
-                assert all(not m.training for m in trainer.teacher._copy.modules()), "the copy left eval mode"
+            if trainer.teacher.copy is not None:
+                frozen = list(trainer.teacher.copy.parameters())
+                assert all(not m.training for m in trainer.teacher.copy.modules()), "the copy left eval mode"
             else:
                 frozen = [p for n, p in model.named_parameters() if f".{SYNCED_ADAPTER_NAME}." in n]
             checks[step] = dict(
@@ -102,7 +102,7 @@ def test_teacher_is_the_snapshot_of_the_last_sync_step_and_is_released_after_the
         assert checks[step]["memory"] == 0, f"teacher memory still held at step {step}"
         assert teacher_at[step] == {}
         assert SYNCED_ADAPTER_NAME not in checks[step]["adapters"]
-    assert trainer.teacher.released and trainer.teacher._copy is None
+    assert trainer.teacher.released and trainer.teacher.copy is None
     if peft:
         assert all(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
     logged = [r["trace/teacher_memory_bytes"] for r in trainer.state.log_history if "trace/teacher_memory_bytes" in r]
@@ -112,7 +112,7 @@ def test_teacher_is_the_snapshot_of_the_last_sync_step_and_is_released_after_the
 def test_grpo_run_builds_no_teacher(tiny_model_dir, tiny_tokenizer, tmp_path):
     """kl_coef=0 (GRPO): no copy, no adapter, nothing to free."""
     full = make_trainer(tiny_model_dir, tiny_tokenizer, trace_config(tmp_path / "a", kl_coef=0.0, teacher_kind="ema"))
-    assert full.teacher.released and full.teacher._copy is None and full.teacher.memory_bytes() == 0
+    assert full.teacher.released and full.teacher.copy is None and full.teacher.memory_bytes() == 0
     lora = _make(tiny_model_dir, tiny_tokenizer, tmp_path / "b", peft=True, kl_coef=0.0)
     model = lora.accelerator.unwrap_model(lora.model)
     assert set(model.peft_config) == {"default"}
@@ -173,7 +173,7 @@ def test_resume_between_two_syncs_equals_the_uninterrupted_run(tiny_model_dir, t
     # Resuming past the KL phase builds nothing.
     past = _make(tiny_model_dir, tiny_tokenizer, tmp_path / "past", peft=peft, **common)
     past.train(resume_from_checkpoint=os.path.join(output, "checkpoint-6"))
-    assert past.teacher.released and past.teacher._copy is None and past.teacher.memory_bytes() == 0
+    assert past.teacher.released and past.teacher.copy is None and past.teacher.memory_bytes() == 0
     if peft:
         assert SYNCED_ADAPTER_NAME not in past.accelerator.unwrap_model(past.model).peft_config
 
@@ -223,7 +223,7 @@ def test_copy_forward_runs_the_copy_not_the_policy(tiny_model_dir, kind):
     add_fused_lm_head(policy)  # what GRPOTrainer does: an instance-level forward closing over the policy's
     teacher = Teacher(kind, policy)
     teacher.begin(policy, 0)
-    copy = teacher._copy
+    copy = teacher.copy
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     before = copy(input_ids=ids).logits.clone()
     with torch.no_grad():
@@ -245,11 +245,11 @@ def test_copy_follows_the_policy_device_and_dtype(tiny_model_dir, kind):
     with torch.no_grad(), teacher.activate(policy) as view:
         hidden = view.backbone(input_ids=torch.tensor([[5, 6, 7]])).last_hidden_state
     assert hidden.dtype == torch.float64 and view.head()[0].dtype == torch.float64
-    assert {p.dtype for p in teacher._copy.parameters()} == {torch.float64}
-    assert {b.dtype for b in teacher._copy.buffers()} == {b.dtype for b in policy.buffers()}
+    assert {p.dtype for p in teacher.copy.parameters()} == {torch.float64}
+    assert {b.dtype for b in teacher.copy.buffers()} == {b.dtype for b in policy.buffers()}
     teacher.update(policy, step=1)  # EMA step / sync in the new dtype
-    assert {p.dtype for p in teacher._copy.parameters()} == {torch.float64}
-    assert not any(p.requires_grad for p in teacher._copy.parameters())
+    assert {p.dtype for p in teacher.copy.parameters()} == {torch.float64}
+    assert not any(p.requires_grad for p in teacher.copy.parameters())
 
 
 @pytest.mark.parametrize(

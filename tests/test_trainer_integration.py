@@ -45,8 +45,8 @@ def test_privileged_context_reaches_the_teacher_only(
         (student if torch.is_grad_enabled() else teacher).extend(decode(row) for row in ids)
 
     backbones = [model.base_model]
-    if trainer.teacher._copy is not None:
-        backbones.append(trainer.teacher._copy.base_model)
+    if trainer.teacher.copy is not None:
+        backbones.append(trainer.teacher.copy.base_model)
     handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in backbones]
     trainer.train()
     for h in handles:

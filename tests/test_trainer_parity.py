@@ -151,7 +151,7 @@ def test_gradient_comes_only_from_routed_tokens(tiny_model_dir, tiny_tokenizer, 
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     student = model(input_ids=ids, attention_mask=attn).logits[:, prompt_width - 1 : -1] / trainer.temperature
-    teacher_model = trainer.teacher._copy
+    teacher_model = trainer.teacher.copy
     with torch.no_grad():
         t_ids, t_attn = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
         teacher = (
@@ -164,3 +164,34 @@ def test_gradient_comes_only_from_routed_tokens(tiny_model_dir, tiny_tokenizer, 
     reference.backward()
     for name, grad in ours.items():
         torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=2e-3, atol=1e-6, msg=name)
+
+
+def test_kl_coef_zero_trains_prompt_tuning_exactly_like_grpo(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """Prompt-learning PEFT methods bypass the decoder call the KL channel makes, so TRACE refuses them with the KL
+    channel on; with `kl_coef=0` TRACE is GRPO and must train them as GRPO does."""
+    from peft import PromptTuningConfig
+
+    def prompt_tuning():
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+
+    common = dict(
+        reward_funcs=parity_reward, train_dataset=math_dataset(), processing_class=tiny_tokenizer, model=tiny_model_dir
+    )
+    grpo = GRPOTrainer(
+        args=GRPOConfig(output_dir=str(tmp_path / "grpo"), **SHARED), peft_config=prompt_tuning(), **common
+    )
+    before = trainable_state(grpo.model)
+    grpo.train()
+    expected = trainable_state(grpo.model)
+    assert any(not torch.equal(before[k], expected[k]) for k in before), "GRPO must train the prompt embeddings"
+
+    args = trace_config(tmp_path, **{**SHARED, "kl_coef": 0.0})
+    trace = TRACETrainer(args=args, peft_config=prompt_tuning(), annotator=HalfSpanAnnotator(), **common)
+    trace.train()
+    actual = trainable_state(trace.model)
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), f"{name} differs from GRPO"
+
+    with pytest.raises(ValueError, match="prompt-learning PEFT methods"):
+        TRACETrainer(args=trace_config(tmp_path), peft_config=prompt_tuning(), annotator=HalfSpanAnnotator(), **common)

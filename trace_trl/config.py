@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -12,6 +13,9 @@ from trl import GRPOConfig
 
 from .losses import CLIP_MODES
 from .schedule import KL_DECAYS
+
+
+logger = logging.getLogger(__name__)
 
 
 SPAN_ACTIONS: tuple[str, ...] = ("fkl", "rkl", "grpo")
@@ -202,9 +206,7 @@ class TRACEConfig(GRPOConfig):
     )
     kl_term_clip: float | None = field(
         default=0.05,
-        metadata={
-            "help": "The KL clip's value c (paper: 0.05); how it applies is `kl_clip_mode`. None: off."
-        },
+        metadata={"help": "The KL clip's value c (paper: 0.05); how it applies is `kl_clip_mode`. None: off."},
     )
     kl_clip_mode: str = field(
         default="token",
@@ -440,4 +442,102 @@ def _check_teacher_template(template: str) -> None:
     if "problem" not in variables:
         raise ValueError(
             "`teacher_context_template` must contain {{ problem }}: the teacher has to see the problem it is teaching."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checks that need more than the config (the trainer, its dataset, its annotator); `TRACETrainer.__init__` runs them.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_sharded_training(trainer: Any, args: TRACEConfig) -> str | None:
+    """The sharded engine the KL channel runs under (`"fsdp2"`, `"zero3"` or `None`), refusing what it cannot run.
+
+    FSDP2 and ZeRO-3 are supported for full fine-tuning and LoRA: the KL channel runs inside the student's wrapped
+    forward and the teacher's forward through its wrapper (see `KLChannel.routed_kl` and `KLChannel.teacher_hidden_states`). Refused:
+    FSDP1 (deprecated upstream) and the top-k ablation under ZeRO-3 (its chunks read the partitioned head directly).
+    """
+    from .sharding import FSDP2, ZERO3, sharding_engine
+
+    if args.kl_coef == 0:
+        return None
+    engine = sharding_engine(trainer.accelerator)
+    if engine == ZERO3 and args.kl_topk is not None:
+        raise NotImplementedError(
+            "`kl_topk` (the top-k divergence ablation) reads the LM head outside the ZeRO-3 gather; under DeepSpeed "
+            "ZeRO-3 use the full-vocabulary divergence (`kl_topk=None`, the default) or FSDP2."
+        )
+    if engine == FSDP2 and type(getattr(trainer.accelerator.state.fsdp_plugin, "cpu_offload", None)).__name__ == (
+        "CPUOffloadPolicy"
+    ):
+        logger.warning(
+            "FSDP2 with parameter offload: the teacher copy is sharded with the same offload policy, and its LM head "
+            "is gathered to the training device once per step during the KL phase."
+        )
+    return engine
+
+
+def _check_privileged_column(dataset: Any, args: TRACEConfig) -> None:
+    """A missing privileged-context column is an error at init, not after the first rollouts are generated."""
+    columns = getattr(dataset, "column_names", None)
+    if args.kl_coef == 0 or not isinstance(columns, list) or args.privileged_context_column in columns:
+        return
+    raise ValueError(
+        f"The training dataset has no column {args.privileged_context_column!r} (`privileged_context_column`), which "
+        f"holds the privileged context the teacher sees. Available columns: {sorted(columns)}. Add the column or set "
+        "`privileged_context_column` to the right name."
+    )
+
+
+def _check_annotator(annotator: Any, args: TRACEConfig | None, no_args: bool) -> None:
+    """Errors that would otherwise come only after the model loads and a rollout is generated."""
+    from .annotators.heuristic import AllTokensAnnotator
+
+    if annotator is None:
+        if args is not None and args.kl_coef == 0:
+            return
+        grpo_hint = (
+            "pass `args=TRACEConfig(output_dir=..., kl_coef=0)` to train plain GRPO"
+            if no_args
+            else "set `kl_coef=0` in your TRACEConfig to train plain GRPO"
+        )
+        raise ValueError(
+            "TRACETrainer needs an `annotator` to mark the spans it distills on. Pass e.g. "
+            "`annotator=RegexAnnotator(key_patterns=[RegexAnnotator.BOXED])`, `OpenAIAnnotator(model=...)` or "
+            f"`AllTokensAnnotator()` (all-token self-distillation), or {grpo_hint}."
+        )
+    if isinstance(annotator, type):
+        raise TypeError(
+            f"`annotator` is the class {annotator.__name__}, not an instance: pass `annotator={annotator.__name__}(...)`."
+        )
+    if not callable(annotator):
+        raise TypeError(
+            f"`annotator` must be callable as annotator(requests) -> list[Annotation]; got {type(annotator).__name__}."
+        )
+    if isinstance(annotator, AllTokensAnnotator) and args is not None and args.kl_coef > 0:
+        if args.max_routed_fraction is not None:
+            raise ValueError(
+                f"`AllTokensAnnotator` marks every token, but `max_routed_fraction={args.max_routed_fraction}` caps "
+                "the routed tokens of each rollout, so only a prefix of each rollout would be distilled, not all of "
+                "it. Set `max_routed_fraction=None` for the all-token baselines (or use `RandomSpanAnnotator` for a "
+                "25% control)."
+            )
+
+
+def _warn_if_resume_is_inexact(args: TRACEConfig) -> None:
+    """GRPO regenerates rollouts after a resume: a checkpoint inside a generation window cannot resume exactly."""
+    if args.save_strategy != "steps" or args.save_steps < 1:
+        return
+    window = args.steps_per_generation * args.num_iterations  # micro-steps between two generations
+    if (int(args.save_steps) * args.gradient_accumulation_steps) % window != 0:
+        logger.warning(
+            "Checkpoints every %d optimizer steps fall inside a generation window (steps_per_generation=%d x "
+            "num_iterations=%d micro-steps, gradient_accumulation_steps=%d): GRPO regenerates rollouts after a "
+            "resume, so resuming from such a checkpoint trains on new rollouts and does not reproduce the "
+            "uninterrupted run. For exact resume, make save_steps x gradient_accumulation_steps a multiple of "
+            "steps_per_generation x num_iterations.",
+            int(args.save_steps),
+            args.steps_per_generation,
+            args.num_iterations,
+            args.gradient_accumulation_steps,
         )

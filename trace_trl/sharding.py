@@ -9,7 +9,10 @@ Under FSDP2 a parameter is a `DTensor` shard outside its FSDP unit's forward; un
 - a teacher copy under full fine-tuning is sharded exactly like the policy, built on the meta device so no process
   ever holds the full weights (`sharded_copy`), and synced shard by shard without communication (`local_shard`);
 - checkpoints hold the teacher's full weights, gathered (every process joins) and written by the main process, and
-  are scattered back on load (`gathered_state_dict`, `load_full_state_dict`).
+  are scattered back on load (`gathered_state_dict`, `load_full_state_dict`);
+- a ZeRO-3 copy's life cycle: its engine's settings (`zero3_inference_config`), the gathered values ZeRO-3 keeps
+  between forwards, refreshed after a write (`refresh_gathered`) and counted (`held_bytes`), and its destruction
+  (`destroy_engine`). The stores of `teacher_stores.py` use these primitives; nothing here holds state.
 
 Every function here makes the same collectives on every process whatever it routes: callers must call them
 unconditionally on all processes.
@@ -122,7 +125,8 @@ def sharded_copy(policy: nn.Module, accelerator: Any, engine: str) -> nn.Module:
     an FSDP unit of `policy` (same name) becomes one of the copy, children first, with the plugin's mesh, mixed
     precision, offload and reshard settings; `to_empty` then allocates only the local shards. ZeRO-3: the skeleton is
     built under `deepspeed.zero.Init` with the run's DeepSpeed config (partitioned at construction) and wrapped in an
-    inference engine (TRL's `prepare_deepspeed`). Parameters take the policy's (sharded) dtype.
+    inference engine with the policy's ZeRO settings (`zero3_inference_config`). Parameters take the policy's
+    (sharded) dtype.
     """
     config = policy.config
     model_class = _model_class(policy)
@@ -157,16 +161,112 @@ def sharded_copy(policy: nn.Module, accelerator: Any, engine: str) -> nn.Module:
         copy.to_empty(device=_shard_device(policy))
     elif engine == ZERO3:
         import deepspeed
-        from trl.models.utils import prepare_deepspeed
 
-        with deepspeed.zero.Init(config_dict_or_path=accelerator.state.deepspeed_plugin.deepspeed_config):
+        ds_config = zero3_inference_config(accelerator.state.deepspeed_plugin.deepspeed_config)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
             copy = model_class._from_config(config, dtype=dtype)
-        copy = prepare_deepspeed(copy, accelerator)
+        copy, *_ = deepspeed.initialize(model=copy, config=ds_config)
     else:
         raise ValueError(f"engine must be {FSDP2!r} or {ZERO3!r}, got {engine!r}.")
     copy.requires_grad_(False)
     copy.eval()
     return copy
+
+
+def zero3_inference_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's DeepSpeed config for a frozen ZeRO-3 model that only runs forwards: without the optimizer, scheduler
+    and optimizer offload (no optimizer is given), every ZeRO-3 setting (persistence threshold, prefetch, parameter
+    offload) the policy's.
+
+    TRL's `prepare_deepspeed` adds its inference settings as dotted top-level keys
+    (`"zero_optimization.stage3_param_persistence_threshold"`), which DeepSpeed's config ignores (it reads the nested
+    `zero_optimization` block only), so an engine built with it silently has the run's settings anyway; this one says
+    so. Keeping the policy's persistence threshold keeps the teacher forward's collectives those of the policy's
+    forward; the parameters it keeps gathered are refreshed after every write (`refresh_gathered`).
+    """
+    config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
+    config["zero_optimization"] = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
+    return config
+
+
+@torch.no_grad()
+def refresh_gathered(params: list[torch.Tensor]) -> None:
+    """Bring the full values that ZeRO-3 keeps gathered between forwards up to date with the partitions just written.
+
+    DeepSpeed keeps a parameter with `numel <= stage3_param_persistence_threshold` gathered after its first forward
+    (`ds_persist`) and refreshes it only after its own optimizer step. A write into the partitions (`ds_tensor`: a
+    teacher sync, an EMA step, a checkpoint load) leaves that gathered value stale, so the next forward would run the
+    old weights. The gathered parameters are freed and gathered again from the partitions, as DeepSpeed does after
+    loading a checkpoint. A collective when anything is gathered: every process must call it (the same parameters are
+    gathered on every process); a no-op for parameters that are not ZeRO-3 partitions or not gathered.
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    gathered = [p for p in params if is_zero3_param(p) and p.ds_status == ZeroParamStatus.AVAILABLE]
+    if gathered:
+        gathered[0].partition(param_list=gathered)  # drops the stale full values (no communication)
+        gathered[0].all_gather(param_list=gathered)
+
+
+def held_bytes(param: torch.Tensor) -> int:
+    """Bytes a parameter holds on this process: its local shard, plus the full value a ZeRO-3 parameter keeps
+    gathered between forwards (`ds_persist`)."""
+    shard = local_shard(param)
+    held = shard.numel() * shard.element_size()
+    if is_zero3_param(param) and param.data.numel():
+        held += param.data.numel() * param.data.element_size()
+    return held
+
+
+def destroy_engine(model: nn.Module) -> None:
+    """Undo what a DeepSpeed engine attached to its model, so that dropping the last reference to it frees it.
+
+    `DeepSpeedEngine.destroy` removes ZeRO-3's module hooks, but two module-level references of DeepSpeed 0.18-0.19
+    outlive it, each enough to keep the model, the engine (through the model's hooks) and every partition alive for
+    the rest of the process: every engine's model is pushed onto `parameter_offload.FWD_MODULE_STACK` (the bottom of
+    its forward-module stack) and never popped, and a class-level cache holds the modules of every forward. Both are
+    dropped here. A no-op for anything that is not a DeepSpeed engine; call it outside
+    any forward.
+    """
+    if type(model).__name__ != "DeepSpeedEngine":
+        return
+    module = model.module
+    model.destroy()
+    from deepspeed.runtime.zero import parameter_offload
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if stack is not None:
+        stack[:] = [m for m in stack if m is not module]
+    # ZeRO-3 memoizes which parameters each submodule releases with an unbounded `functools.lru_cache` on the class,
+    # keyed by (coordinator, submodule, step): it holds every engine's modules that ever ran a forward. It is a pure
+    # cache (recomputed on the next miss), so clearing it frees this engine's modules and costs the policy nothing.
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+
+    coordinator = getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", None)
+    cached = _lru_cache_of(getattr(coordinator, "_PartitionedParameterCoordinator__params_to_release", None))
+    if cached is not None:
+        cached.cache_clear()
+
+
+def _lru_cache_of(function: Any, depth: int = 4) -> Any:
+    """The `functools.lru_cache` wrapper inside `function`, seen through decorators that close over what they wrap
+    (DeepSpeed's `instrument_w_nvtx` keeps it in a closure cell, without `__wrapped__`); `None` if there is none."""
+    if function is None or depth < 0:
+        return None
+    if hasattr(function, "cache_clear"):
+        return function
+    inner = [getattr(function, "__wrapped__", None)]
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            inner.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    for candidate in inner:
+        if callable(candidate):
+            found = _lru_cache_of(candidate, depth - 1)
+            if found is not None:
+                return found
+    return None
 
 
 def unwrap_engine(model: nn.Module) -> nn.Module:
