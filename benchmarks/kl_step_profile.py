@@ -26,7 +26,6 @@ is recorded, since the CPUs may be shared. Not a study: a profile (one seed, a f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os

@@ -616,7 +616,7 @@ def run_arm(
     # The paper's lift: on the first training batch's own rollouts, captured before the first update.
     batch_probe: dict[str, LiftProbe] = {}
     batch_lifts: dict[int, float] = {}
-    generate_and_score = trainer._generate_and_score_completions
+    generate_and_score, policy = trainer._generate_and_score_completions, trainer.model
 
     def capture_first_batch(inputs):
         output = generate_and_score(inputs)
@@ -626,14 +626,12 @@ def run_arm(
                 tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
                 for ids, mask in zip(output["completion_ids"], output["completion_mask"], strict=True)
             ]
-            batch_probe["probe"] = LiftProbe(trainer.model, tokenizer, problems, settings, seed, completions)
+            batch_probe["probe"] = LiftProbe(policy, tokenizer, problems, settings, seed, completions)
         return output
 
     trainer._generate_and_score_completions = capture_first_batch
     divergences: dict[str, list[float]] = {}
-    for callback in _callbacks(
-        arm, seed, settings, probe, lifts, batch_probe, batch_lifts, trainer, divergences
-    ):
+    for callback in _callbacks(arm, seed, settings, probe, lifts, batch_probe, batch_lifts, trainer, divergences):
         trainer.add_callback(callback)
     torch.manual_seed(seed)
     started = time.perf_counter()

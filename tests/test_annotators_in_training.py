@@ -9,8 +9,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from fake_openai_server import FakeOpenAIServer
 import torch
+from fake_openai_server import FakeOpenAIServer
 from trainer_helpers import make_trainer, math_dataset, trace_config
 
 from trace_trl.annotators import Annotation, OpenAIAnnotator, SelfAnnotator
@@ -96,8 +96,14 @@ def test_preflight_refuses_to_start_on_a_broken_server(tiny_model_dir, tiny_toke
     with FakeOpenAIServer(default=behaviour, hang_s=3.0) as server:
         annotator = _annotator(server, timeout=0.3)
         if behaviour == "refused":
-            annotator = OpenAIAnnotator("fake-model", base_url=_closed_port_url(), api_key=CANARY, max_retries=1,
-                                        backoff_base=0.01, backoff_max=0.05)
+            annotator = OpenAIAnnotator(
+                "fake-model",
+                base_url=_closed_port_url(),
+                api_key=CANARY,
+                max_retries=1,
+                backoff_base=0.01,
+                backoff_max=0.05,
+            )
         trainer = make_trainer(tiny_model_dir, tiny_tokenizer, trace_config(tmp_path, max_steps=2), annotator)
         with pytest.raises(AnnotatorPreflightError, match="one-request check before training") as info:
             trainer.train()
@@ -150,7 +156,9 @@ def test_a_batch_whose_every_annotation_fails_stops_training_with_the_cause(tiny
     with FakeOpenAIServer(default="500") as server:
         server.plan = ["ok"]  # the preflight
         trainer = make_trainer(tiny_model_dir, tiny_tokenizer, trace_config(tmp_path, max_steps=2), _annotator(server))
-        with pytest.raises(RuntimeError, match=r"Every annotation of this generation batch failed \(\d+ of \d+\)") as info:
+        with pytest.raises(
+            RuntimeError, match=r"Every annotation of this generation batch failed \(\d+ of \d+\)"
+        ) as info:
             trainer.train()
     assert "HTTP 500 from the annotator server (after 2 attempt(s))" in str(info.value)
     assert "annotation_batch_failure='skip'" in str(info.value) and CANARY not in str(info.value)
@@ -243,10 +251,14 @@ def _half_correct(completions, **kwargs):
 
 @pytest.mark.parametrize(
     ("preset", "actions"),
-    [("TRACE-FKL", dict(key_span_action="fkl", error_span_action="grpo")),
-     ("TRACE-RKL", dict(key_span_action="grpo", error_span_action="rkl"))],
+    [
+        ("TRACE-FKL", dict(key_span_action="fkl", error_span_action="grpo")),
+        ("TRACE-RKL", dict(key_span_action="grpo", error_span_action="rkl")),
+    ],
 )
-def test_only_rollouts_whose_kind_is_routed_are_sent_and_cached(tiny_model_dir, tiny_tokenizer, tmp_path, preset, actions):
+def test_only_rollouts_whose_kind_is_routed_are_sent_and_cached(
+    tiny_model_dir, tiny_tokenizer, tmp_path, preset, actions
+):
     """On a batch with mixed correctness, each paper preset asks about half the rollouts (it used to ask about all)."""
     from trace_trl.annotators.cache import AnnotationCache
 
@@ -254,9 +266,7 @@ def test_only_rollouts_whose_kind_is_routed_are_sent_and_cached(tiny_model_dir, 
     for send_all in (True, False):
         with FakeOpenAIServer() as server:
             annotator = _annotator(server, cache_dir=tmp_path / f"cache-{send_all}")
-            args = trace_config(
-                tmp_path, per_device_train_batch_size=8, annotate_unrouted_kinds=send_all, **actions
-            )
+            args = trace_config(tmp_path, per_device_train_batch_size=8, annotate_unrouted_kinds=send_all, **actions)
             trainer = make_trainer(tiny_model_dir, tiny_tokenizer, args, annotator, reward=_half_correct)
             trainer.model.train()
             torch.manual_seed(0)
@@ -290,6 +300,8 @@ def test_annotator_totals_are_logged_as_their_latest_value_or_not_at_all(tiny_mo
     trainer.train()
     (logged,) = _logged(trainer, "annotator/requests")
     assert logged == 8.0, "the total after the window's two batches of four"
-    quiet = make_trainer(tiny_model_dir, tiny_tokenizer, trace_config(tmp_path, max_steps=1, log_annotator_metrics=False), Counting())
+    quiet = make_trainer(
+        tiny_model_dir, tiny_tokenizer, trace_config(tmp_path, max_steps=1, log_annotator_metrics=False), Counting()
+    )
     quiet.train()
     assert not _logged(quiet, "annotator/requests")

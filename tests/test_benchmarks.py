@@ -163,7 +163,9 @@ def test_the_real_api_page_shows_the_benchmarks_arithmetic():
     """docs/real-api.md's token counts and worked cost example are what `annotation_output_tokens.py` computes."""
     import re
 
-    spec = importlib.util.spec_from_file_location("annotation_output_tokens", SCRIPT.with_name("annotation_output_tokens.py"))
+    spec = importlib.util.spec_from_file_location(
+        "annotation_output_tokens", SCRIPT.with_name("annotation_output_tokens.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     from trace_trl.tiny import build_qwen_tokenizer

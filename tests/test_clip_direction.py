@@ -90,7 +90,7 @@ def test_token_clip_always_descends_the_true_divergence(rows, kind, path):
     # A small descent step along the clipped gradient lowers the true divergence on every row.
     step = 1e-2 / clipped_grad.norm(dim=-1, keepdim=True)
     after = _true_divergence(student.double() - step * clipped_grad, teacher, kind, topk)
-    assert (after < true).all(), (after - true)
+    assert (after < true).all(), after - true
 
 
 @pytest.mark.parametrize("path", list(PATHS))

@@ -191,7 +191,9 @@ def test_a_term_exactly_at_the_clip_counts_as_clipped():
     terms = _dense_terms(student.detach(), teacher, "fkl", 1.0)[0]
     u = int(terms.argmax())
     c = terms[u].item()  # exactly the largest term
-    (grad,) = torch.autograd.grad(token_divergence(student, teacher, "fkl", term_clip=c, clip_mode="element").sum(), student)
+    (grad,) = torch.autograd.grad(
+        token_divergence(student, teacher, "fkl", term_clip=c, clip_mode="element").sum(), student
+    )
     p_s, p_t = student.detach().softmax(-1)[0], teacher.softmax(-1)[0]
     kept = (torch.arange(20) != u).double()
     torch.testing.assert_close(grad[0], -kept * p_t + p_s * (kept * p_t).sum(), rtol=1e-12, atol=1e-14)

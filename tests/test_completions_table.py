@@ -3,11 +3,9 @@ the last annotated batch on the trainer for the HTML viewer, and the rollouts du
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
-import pytest
 from trainer_helpers import HalfSpanAnnotator, make_trainer, math_dataset, trace_config
 
 from trace_trl.inspection import AnnotationView, annotate_main, read_jsonl
@@ -55,7 +53,9 @@ def test_columns_stay_aligned_after_the_kl_phase(tiny_model_dir, tiny_tokenizer,
 
 
 def test_last_annotated_batch_is_kept_for_the_html_viewer(tiny_model_dir, tiny_tokenizer, tmp_path):
-    trainer = make_trainer(tiny_model_dir, tiny_tokenizer, trace_config(tmp_path), HalfSpanAnnotator(), reward=_half_correct)
+    trainer = make_trainer(
+        tiny_model_dir, tiny_tokenizer, trace_config(tmp_path), HalfSpanAnnotator(), reward=_half_correct
+    )
     trainer.model.train()
     batch = trainer._generate_and_score_completions([math_dataset()[0]] * 4)
     rows = trainer.last_annotations

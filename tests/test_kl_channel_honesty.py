@@ -9,12 +9,11 @@ import math
 
 import pytest
 import torch
+from trainer_helpers import constant_reward, make_trainer, math_dataset, parity_reward, trace_config
 
 from trace_trl import TRACEConfig
 from trace_trl.annotators import AllTokensAnnotator, AnnotationRequest, InvertedSpanAnnotator
 from trace_trl.spans import Span, token_char_offsets, token_labels
-
-from trainer_helpers import constant_reward, make_trainer, math_dataset, parity_reward, trace_config
 
 
 def _logged(trainer, key):
@@ -34,7 +33,9 @@ def test_metrics_show_the_unclipped_divergence_and_the_clipped_share(tiny_model_
         if mode == "token":
             assert clipped[0] == pytest.approx(1e-6, rel=1e-3)
         assert _logged(trainer, "trace/fkl_clipped_frac")[0] == pytest.approx(1.0)
-        assert _logged(trainer, "trace/fkl_token_frac")[0] == pytest.approx(_logged(trainer, "trace/routed_token_frac")[0])
+        assert _logged(trainer, "trace/fkl_token_frac")[0] == pytest.approx(
+            _logged(trainer, "trace/routed_token_frac")[0]
+        )
         rkl = _logged(trainer, "trace/rkl_mean")[0]
         assert rkl is None or math.isnan(rkl)  # nothing of that kind routed (TRL logs a NaN mean as None)
         # Each routed token's unclipped divergence is kept for inspection.
@@ -103,9 +104,9 @@ def test_all_tokens_annotator_under_a_cap_is_refused(tiny_model_dir, tiny_tokeni
 
 
 def test_several_rewards_without_a_correctness_reward_warn(tiny_model_dir, tiny_tokenizer, tmp_path, caplog):
-    from trace_trl.trainer import TRACETrainer
-
     from trainer_helpers import HalfSpanAnnotator
+
+    from trace_trl.trainer import TRACETrainer
 
     with caplog.at_level(logging.WARNING, logger="trace_trl"):
         TRACETrainer(
@@ -150,9 +151,7 @@ def test_inverted_control_is_token_disjoint_from_the_key_spans(qwen_tokenizer):
     multi = [(s, e) for s, e in offsets if e - s >= 3]
     key = [Span(multi[1][0] + 1, multi[2][0] + 1, "key"), Span(multi[5][0] + 2, multi[5][1] - 1, "key")]
     key_tokens = {i for i, label in enumerate(token_labels(ids, key, qwen_tokenizer)) if label}
-    request = AnnotationRequest(
-        prompt="p", completion=text, is_correct=True, reward=1.0, token_offsets=tuple(offsets)
-    )
+    request = AnnotationRequest(prompt="p", completion=text, is_correct=True, reward=1.0, token_offsets=tuple(offsets))
     character_only = AnnotationRequest(prompt="p", completion=text, is_correct=True, reward=1.0)
     shared = 0
     for seed in range(40):
@@ -161,7 +160,8 @@ def test_inverted_control_is_token_disjoint_from_the_key_spans(qwen_tokenizer):
         inverted_tokens = {i for i, label in enumerate(token_labels(ids, annotation.spans, qwen_tokenizer)) if label}
         assert inverted_tokens and not inverted_tokens & key_tokens
         (loose,) = control([character_only])
-        shared += bool({i for i, l in enumerate(token_labels(ids, loose.spans, qwen_tokenizer)) if l} & key_tokens)
+        loose_tokens = {i for i, label in enumerate(token_labels(ids, loose.spans, qwen_tokenizer)) if label}
+        shared += bool(loose_tokens & key_tokens)
     assert shared > 0, "without token boundaries the control shares boundary tokens: the case is not vacuous"
 
 

@@ -479,7 +479,9 @@ def test_a_reasoning_model_server_rejects_the_default_shape_and_accepts_the_reas
         assert reasoning.preflight() is not None
         from trace_trl.annotators.base import AnnotatorPreflightError
 
-        with pytest.raises(AnnotatorPreflightError, match="Unsupported parameter: 'max_tokens'.*max_completion_tokens"):
+        with pytest.raises(
+            AnnotatorPreflightError, match="Unsupported parameter: 'max_tokens'.*max_completion_tokens"
+        ):
             fast_annotator(fake).preflight()
 
 
@@ -517,9 +519,23 @@ def test_reasoning_and_protocol_settings_reach_the_annotator_from_recipes_and_th
         )
     )
     flags = [
-        "in.jsonl", "-o", "out.jsonl", "--model", "o4-mini", "--no-temperature", "--token-limit-param",
-        "max_completion_tokens", "--max-tokens", "8000", "--reask-on-malformed", "--prompt-template",
-        str(template_file), "--system-prompt", "You review math.", "--span-format", "quotes",
+        "in.jsonl",
+        "-o",
+        "out.jsonl",
+        "--model",
+        "o4-mini",
+        "--no-temperature",
+        "--token-limit-param",
+        "max_completion_tokens",
+        "--max-tokens",
+        "8000",
+        "--reask-on-malformed",
+        "--prompt-template",
+        str(template_file),
+        "--system-prompt",
+        "You review math.",
+        "--span-format",
+        "quotes",
     ]
     from_cli = _build_from_flags(_annotate_parser().parse_args(flags))
     for annotator in (from_recipe, from_cli):
@@ -528,10 +544,14 @@ def test_reasoning_and_protocol_settings_reach_the_annotator_from_recipes_and_th
         assert annotator.prompt_template == template and annotator.system_prompt == "You review math."
         assert annotator.span_format == "quotes"
     assert from_recipe.config_fingerprint == from_cli.config_fingerprint, "the same annotator, the same cache"
-    no_limit = build_annotator(TraceScriptArguments(annotator="openai", annotator_model="m", annotator_token_limit_param="none"))
+    no_limit = build_annotator(
+        TraceScriptArguments(annotator="openai", annotator_model="m", annotator_token_limit_param="none")
+    )
     assert no_limit.max_tokens is None
     with pytest.raises(ValueError, match="annotator_prompt_template.*does not exist"):
-        build_annotator(TraceScriptArguments(annotator="openai", annotator_model="m", annotator_prompt_template="missing.txt"))
+        build_annotator(
+            TraceScriptArguments(annotator="openai", annotator_model="m", annotator_prompt_template="missing.txt")
+        )
 
 
 def test_one_client_serves_every_call_and_copies_make_their_own(server, monkeypatch):

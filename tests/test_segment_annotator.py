@@ -289,7 +289,17 @@ def test_annotate_command_uses_the_segment_protocol_by_default(server, tmp_path)
     rows.append({"prompt": "Find x.", "completion": WRONG, "is_correct": False, "reference": "x = 3"})
     rollouts.write_text("\n".join(json.dumps(row) for row in rows))
     output = tmp_path / "annotations.jsonl"
-    argv = [str(rollouts), "-o", str(output), "--model", "fake", "--base-url", server.base_url, "--quiet", "--all-kinds"]
+    argv = [
+        str(rollouts),
+        "-o",
+        str(output),
+        "--model",
+        "fake",
+        "--base-url",
+        server.base_url,
+        "--quiet",
+        "--all-kinds",
+    ]
     assert annotate_main(argv) == 0
     good, bad = read_jsonl(output)
     assert [span[2:] for span in good["spans"]] == [

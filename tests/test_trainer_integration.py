@@ -109,7 +109,9 @@ class _BothKindsAnnotator:
 def test_span_kinds_follow_correctness_and_drops_are_counted(tiny_model_dir, tiny_tokenizer, tmp_path):
     annotator = _BothKindsAnnotator()
     # Every rollout is sent (for inspection), so that wrong-kind spans of both kinds are seen and dropped.
-    trainer = _make(tiny_model_dir, tiny_tokenizer, tmp_path, annotator=annotator, max_steps=1, annotate_unrouted_kinds=True)
+    trainer = _make(
+        tiny_model_dir, tiny_tokenizer, tmp_path, annotator=annotator, max_steps=1, annotate_unrouted_kinds=True
+    )
     trainer.model.train()
     batch = trainer._generate_and_score_completions([math_dataset()[i // 4] for i in range(4)])
     annotated = [r for r in annotator.requests if len(r.completion) > 6]
@@ -148,7 +150,12 @@ def test_failed_annotation_trains_as_grpo_and_is_counted(tiny_model_dir, tiny_to
 def test_annotation_failure_raise_stops_training(tiny_model_dir, tiny_tokenizer, tmp_path):
     failing = lambda requests: [Annotation.failure("rate limited") for _ in requests]  # noqa: E731
     trainer = _make(
-        tiny_model_dir, tiny_tokenizer, tmp_path, annotator=failing, annotation_failure="raise", annotate_unrouted_kinds=True
+        tiny_model_dir,
+        tiny_tokenizer,
+        tmp_path,
+        annotator=failing,
+        annotation_failure="raise",
+        annotate_unrouted_kinds=True,
     )
     with pytest.raises(RuntimeError, match=r"4 annotation\(s\) failed \(most common cause \(4x\): rate limited\)"):
         trainer.train()

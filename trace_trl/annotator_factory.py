@@ -101,7 +101,10 @@ def _openai(settings: Any):
         optional["token_limit_param"] = limit
     if getattr(settings, "annotator_reask_on_malformed", False):
         optional["reask_on_malformed"] = True
-    for field_name, keyword in (("annotator_prompt_template", "prompt_template"), ("annotator_system_prompt", "system_prompt")):
+    for field_name, keyword in (
+        ("annotator_prompt_template", "prompt_template"),
+        ("annotator_system_prompt", "system_prompt"),
+    ):
         text = text_or_file(getattr(settings, field_name, None), field_name)
         if text is not None:
             optional[keyword] = text

@@ -538,7 +538,11 @@ def _annotate_parser() -> argparse.ArgumentParser:
         help="persistent annotation cache (SQLite), shareable between runs [annotator_cache_dir]",
     )
     api.add_argument(
-        "--temperature", dest="annotator_temperature", type=float, default=None, help="(None: 0.0) [annotator_temperature]"
+        "--temperature",
+        dest="annotator_temperature",
+        type=float,
+        default=None,
+        help="(None: 0.0) [annotator_temperature]",
     )
     api.add_argument(
         "--no-temperature",
@@ -681,9 +685,7 @@ def annotate_main(argv: Sequence[str] | None = None) -> int:
     if callable(metrics):
         statistics["annotator"] = metrics()
     not_sent = sum(row["annotated"] is False for row in written)
-    skipped = (
-        f"; {not_sent} not sent because their kind is not routed (--all-kinds sends them)" if not_sent else ""
-    )
+    skipped = f"; {not_sent} not sent because their kind is not routed (--all-kinds sends them)" if not_sent else ""
     print(f"Wrote {len(written)} annotations to {output}{skipped}")
     print(json.dumps(statistics, indent=2))
     summary = _failure_summary(written)

@@ -213,7 +213,11 @@ class RolloutRecord:
 
         routed = [[start, end, self.kind, self.request.completion[start:end]] for start, end in self.routed_chars]
         return annotation_row(
-            self.request, self.annotation, index=index, annotated=self.annotated, action=self.action,
+            self.request,
+            self.annotation,
+            index=index,
+            annotated=self.annotated,
+            action=self.action,
             routed_spans=routed,
         )
 
@@ -235,9 +239,7 @@ def explain_unrouted(totals: Mapping[str, float], key_span_action: str, error_sp
     if not routes_key and not routes_error:
         cause = "both `key_span_action` and `error_span_action` are 'grpo', so no span kind is routed"
     elif totals.get("rollouts", 0) and totals.get("failures", 0) >= totals["rollouts"]:
-        cause = (
-            "every annotation failed (see `trace/annotation_failures` and the warning above with the most common cause)"
-        )
+        cause = "every annotation failed (see `trace/annotation_failures` and the warning above with the most common cause)"
     elif totals.get("key", 0) > 0 and not routes_key:
         cause = (
             "the annotator marks key spans in correct rollouts, but `key_span_action` is 'grpo': this run routes only "
@@ -532,7 +534,9 @@ class RoutedBatchBuilder:
                 raise RuntimeError("The annotator raised an exception on another process; see its error.")
             # The redacted text and traceback, without the original exception chained: its message may hold an
             # echoed API key.
-            setting = "annotation_failure='raise'" if args.annotation_failure == "raise" else "annotator_exception='raise'"
+            setting = (
+                "annotation_failure='raise'" if args.annotation_failure == "raise" else "annotator_exception='raise'"
+            )
             raise RuntimeError(
                 f"The annotator raised ({annotations[0].error}) with {setting}; training stops on every process. "
                 "The built-in annotators never raise (they return failed annotations), so this is most likely a bug "
@@ -575,7 +579,9 @@ class RoutedBatchBuilder:
             sent,
             times,
             cause,
-            " Further new causes are not logged (set the `trace_trl` logger to DEBUG to see every failure)." if last else "",
+            " Further new causes are not logged (set the `trace_trl` logger to DEBUG to see every failure)."
+            if last
+            else "",
         )
 
     def _teacher_inputs(

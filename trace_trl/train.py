@@ -266,7 +266,9 @@ class TraceScriptArguments(ScriptArguments):
     )
     annotator_system_prompt: str | None = field(
         default=None,
-        metadata={"help": "'openai' annotator: system message (the text, or a file holding it) replacing the default."},
+        metadata={
+            "help": "'openai' annotator: system message (the text, or a file holding it) replacing the default."
+        },
     )
     self_annotator_max_new_tokens: int | None = field(
         default=None, metadata={"help": "'self' annotator: most new tokens of the policy's annotation."}

@@ -391,11 +391,14 @@ class TRACETrainer(GRPOTrainer):
 
         n = len(stash["prompts"])
         rewards = self._rollout_rewards(stash["rewards_per_func"], n).float().cpu().tolist()
-        texts = self._tokenizer.batch_decode([list(map(int, ids)) for ids in stash["completion_ids_list"]],
-                                             skip_special_tokens=True)
+        texts = self._tokenizer.batch_decode(
+            [list(map(int, ids)) for ids in stash["completion_ids_list"]], skip_special_tokens=True
+        )
         column = self.args.privileged_context_column
         references = (
-            privileged_contexts(stash["inputs"], column) if stash["inputs"] and column in stash["inputs"][0] else [None] * n
+            privileged_contexts(stash["inputs"], column)
+            if stash["inputs"] and column in stash["inputs"][0]
+            else [None] * n
         )
         rows = [
             {

@@ -166,7 +166,9 @@ class OpenAIAnnotator:
             raise ValueError(
                 f"token_limit_param must be one of {', '.join(TOKEN_LIMIT_PARAMS)}, got {token_limit_param!r}."
             )
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
             raise ValueError(f"max_tokens must be a positive integer or None (no limit sent), got {max_tokens!r}.")
         if temperature is not None and not 0.0 <= float(temperature) <= 2.0:
             raise ValueError(f"temperature must be in [0, 2] or None (not sent), got {temperature!r}.")
@@ -378,7 +380,9 @@ class OpenAIAnnotator:
         """
         return await self._acall(requests, None)
 
-    async def _acall(self, requests: Sequence[AnnotationRequest], client: openai.AsyncOpenAI | None) -> list[Annotation]:
+    async def _acall(
+        self, requests: Sequence[AnnotationRequest], client: openai.AsyncOpenAI | None
+    ) -> list[Annotation]:
         requests = list(requests)
         fingerprint = self.config_fingerprint
         keys = [request_cache_key(fingerprint, request) for request in requests]
