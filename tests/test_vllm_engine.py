@@ -225,7 +225,9 @@ def test_self_annotator_generates_through_the_colocated_engine(
     )
     monkeypatch.setattr(SelfAnnotator, "_generate_hf", lambda self, *a: paths.append("hf") or generate_hf(self, *a))
     annotator = SelfAnnotator(max_new_tokens=256, temperature=1.0)
-    args = trace_config(tmp_path, max_steps=2, teacher_kind="synced", **VLLM_ARGS)
+    # Every rollout is sent (not only those of the routed kind), so that each step's batch goes through the engine
+    # whatever the random policy gets right.
+    args = trace_config(tmp_path, max_steps=2, teacher_kind="synced", annotate_unrouted_kinds=True, **VLLM_ARGS)
     trainer = TRACETrainer(
         model=vllm_model_dir,
         reward_funcs=parity_reward,
