@@ -87,8 +87,8 @@ class Timers:
 def instrument(timers: Timers) -> None:
     from trl import GRPOTrainer
 
+    import trace_trl.kl_channel as kl_channel
     import trace_trl.routing as routing
-    import trace_trl.trainer as trainer_module
     from trace_trl.annotators import OpenAIAnnotator, RandomSpanAnnotator
     from trace_trl.context import TeacherContextBuilder
     from trace_trl.teacher import Teacher
@@ -100,8 +100,8 @@ def instrument(timers: Timers) -> None:
     timers.wrap(routing, "token_char_offsets", "span_offsets")
     timers.wrap(TeacherContextBuilder, "build", "teacher_prompts")
     timers.wrap(routing.RoutedBatchBuilder, "build", "routing_total")
-    timers.wrap(trainer_module.TRACETrainer, "_teacher_hidden_states", "teacher_forward")
-    timers.wrap(trainer_module, "routed_divergence", "divergence_forward")
+    timers.wrap(kl_channel.KLChannel, "teacher_hidden_states", "teacher_forward")
+    timers.wrap(kl_channel, "routed_divergence", "divergence_forward")
     timers.wrap(Teacher, "begin", "teacher_sync")
     timers.wrap(Teacher, "update", "teacher_sync")
 
@@ -123,36 +123,11 @@ def run_arm(arm: str, steps: int, base_path: str, tokenizer, data, base_url: str
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
 
-    from trace_trl import TRACEConfig, TRACETrainer
+    from trace_trl import TRACETrainer
     from trace_trl.rewards import boxed_match_reward
 
     overrides, annotator = replication.make_arm(arm, 0, base_url, settings)
-    config = TRACEConfig(
-        output_dir=str(out_dir / arm),
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        max_steps=steps,
-        learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
-        num_generations=settings.num_generations,
-        max_completion_length=settings.max_completion_length,
-        temperature=settings.temperature,
-        epsilon=0.2,
-        epsilon_high=0.28,
-        gradient_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        **{
-            "kl_coef": settings.kl_coef,
-            "kl_warmup_steps": settings.kl_warmup_steps,
-            "kl_decay_steps": settings.kl_decay_steps,
-            "teacher_context_template": replication.TEACHER_TEMPLATE,
-            **overrides,
-        },
-    )
+    config = replication.arm_config(settings, overrides, output_dir=out_dir / arm, seed=0, steps=steps)
     dataset = Dataset.from_list(
         [{"prompt": replication.chat(p.question), "answer": p.answer, "solution": p.solution} for p in data.train]
     )

@@ -556,16 +556,10 @@ def _callbacks(
     return [Progress()]
 
 
-def run_arm(
-    arm: str, seed: int, base_path: str, tokenizer, data: SeedData, base_url: str, settings: Settings, out_dir: Path
-) -> dict[str, Any]:
-    from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
+def arm_config(settings: Settings, overrides: dict[str, Any], *, output_dir: Path, seed: int, steps: int):
+    """The `TRACEConfig` every arm shares (the study's RL settings and the paper's KL schedule), plus the arm's own."""
+    from trace_trl import TRACEConfig
 
-    from trace_trl import TRACEConfig, TRACETrainer
-    from trace_trl.rewards import boxed_match_reward
-
-    overrides, annotator = make_arm(arm, seed, base_url, settings)
     common = {
         "kl_coef": settings.kl_coef,
         "kl_warmup_steps": settings.kl_warmup_steps,
@@ -573,12 +567,12 @@ def run_arm(
         "kl_term_clip": settings.kl_term_clip,
         "teacher_context_template": TEACHER_TEMPLATE,
     }
-    config = TRACEConfig(
-        output_dir=str(out_dir / f"seed{seed}" / arm),
+    return TRACEConfig(
+        output_dir=str(output_dir),
         use_cpu=True,
         bf16=False,
         seed=seed,
-        max_steps=settings.steps,
+        max_steps=steps,
         learning_rate=settings.learning_rate,
         per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
         num_generations=settings.num_generations,
@@ -593,6 +587,19 @@ def run_arm(
         disable_tqdm=True,
         **{**common, **overrides},
     )
+
+
+def run_arm(
+    arm: str, seed: int, base_path: str, tokenizer, data: SeedData, base_url: str, settings: Settings, out_dir: Path
+) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+
+    from trace_trl import TRACETrainer
+    from trace_trl.rewards import boxed_match_reward
+
+    overrides, annotator = make_arm(arm, seed, base_url, settings)
+    config = arm_config(settings, overrides, output_dir=out_dir / f"seed{seed}" / arm, seed=seed, steps=settings.steps)
     dataset = Dataset.from_list(
         [{"prompt": chat(p.question), "answer": p.answer, "solution": p.solution} for p in data.train]
     )
