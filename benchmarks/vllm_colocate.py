@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, folder: str) -> str:
-    from trace_trl.demo import make_problems
+    from trace_trl.scripts.demo import make_problems
     from trace_trl.tiny import build_tiny_qwen3, build_tiny_tokenizer, save_tiny_model
 
     corpus = [f"{p.question} {p.solution}" for p in make_problems(400, seed=args.seed)]
@@ -75,7 +75,7 @@ def build_model(args: argparse.Namespace, folder: str) -> str:
 
 
 def prompt_ids(tokenizer, n: int, seed: int) -> list[list[int]]:
-    from trace_trl.demo import chat, make_problems
+    from trace_trl.scripts.demo import chat, make_problems
 
     return [
         tokenizer.apply_chat_template(chat(p.question), add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -143,8 +143,8 @@ def time_training(model_dir: str, args: argparse.Namespace, use_vllm: bool, outp
 
     from trace_trl import TRACEConfig, TRACETrainer
     from trace_trl.annotators import RandomSpanAnnotator
-    from trace_trl.demo import chat, make_problems
     from trace_trl.rewards import accuracy_reward
+    from trace_trl.scripts.demo import chat, make_problems
 
     problems = make_problems(args.steps * args.batch_size // args.num_generations + 8, seed=args.seed)
     dataset = Dataset.from_list(

@@ -43,7 +43,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from trace_trl import TRACETrainer  # noqa: E402
 from trace_trl.sharding import full_tensor, gathered_state_dict, is_dtensor, is_zero3_param  # noqa: E402
-from trace_trl.train import save_final_model  # noqa: E402
+from trace_trl.scripts.train import save_final_model  # noqa: E402
 
 
 # As in examples/accelerate/fsdp2.yaml: sharded checkpoints (resume reads them back), layers as units.

@@ -19,7 +19,7 @@ from trace_trl.annotator_factory import ANNOTATORS, canonical_annotator_name
 from trace_trl.annotators import AllTokensAnnotator, AnnotationRequest, RandomSpanAnnotator, RegexAnnotator
 from trace_trl.cli import main as cli_main
 from trace_trl.inspection import read_jsonl
-from trace_trl.train import TraceScriptArguments, build_annotator, get_reward_funcs, parse_args
+from trace_trl.scripts.train import TraceScriptArguments, build_annotator, get_reward_funcs, parse_args
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_reward_funcs_that_need_math_verify_name_the_extra(no_math_verify):
 
 
 def test_train_without_math_verify_fails_before_data_tokenizer_or_model(no_math_verify, monkeypatch, tmp_path):
-    from trace_trl import train
+    from trace_trl.scripts import train
 
     def too_late(*args, **kwargs):
         raise AssertionError("the dataset was loaded before the reward functions were checked")
@@ -169,7 +169,7 @@ def test_annotate_regex_patterns_accept_constants_and_regexes(tmp_path, capsys):
 
 
 def _annotate_args(*flags: str):
-    from trace_trl.inspection import _annotate_parser, _build_from_flags
+    from trace_trl.scripts.annotate import _annotate_parser, _build_from_flags
 
     return _build_from_flags(_annotate_parser().parse_args(["in.jsonl", "-o", "out.jsonl", *flags]))
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 from trainer_helpers import HalfSpanAnnotator, make_trainer, math_dataset, trace_config
 
-from trace_trl.inspection import AnnotationView, annotate_main, read_jsonl
+from trace_trl.inspection import AnnotationView, read_jsonl
 from trace_trl.routing import mark_routed, routed_char_ranges
+from trace_trl.scripts.annotate import main as annotate_main
 from trace_trl.trainer import COMPLETION_SPAN_COLUMNS
 
 

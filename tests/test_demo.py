@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trace_trl import demo
+from trace_trl.scripts import demo
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,13 @@ from trace_trl.evaluation import (
     evaluate_benchmark,
     load_benchmarks,
     load_gpqa_diamond,
-    main,
     make_generator,
     per_problem_scores,
-    resolve_sampling,
     results_table,
     score_samples,
     vllm_available,
 )
+from trace_trl.scripts.eval import main, resolve_sampling
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -375,7 +374,7 @@ def test_per_problem_scores():
 
 
 def _parsed(*argv):
-    from trace_trl.evaluation import _parser
+    from trace_trl.scripts.eval import _parser
 
     return resolve_sampling(_parser().parse_args(["--model", "m", *argv]))
 

@@ -27,7 +27,9 @@ from trace_trl.annotators.parsing import (
     parse_annotation,
 )
 from trace_trl.annotators.redaction import REDACTED, redact
-from trace_trl.inspection import annotate_main, read_jsonl, render_main
+from trace_trl.inspection import read_jsonl
+from trace_trl.scripts.annotate import main as annotate_main
+from trace_trl.scripts.render import main as render_main
 from trace_trl.spans import Span, locate_quote
 
 
@@ -450,7 +452,7 @@ def test_annotate_exits_non_zero_when_every_annotation_failed(tmp_path, capsys, 
 
 
 def test_annotate_keeps_going_when_the_annotator_raises(tmp_path, capsys, monkeypatch):
-    from trace_trl import inspection
+    from trace_trl.scripts import annotate as annotate_script
 
     def broken(args):
         def annotate(requests):
@@ -458,7 +460,7 @@ def test_annotate_keeps_going_when_the_annotator_raises(tmp_path, capsys, monkey
 
         return annotate
 
-    monkeypatch.setitem(inspection.ANNOTATORS, "openai", broken)
+    monkeypatch.setitem(annotate_script.ANNOTATORS, "openai", broken)
     rollouts, output = _rollouts(tmp_path, n=5), tmp_path / "out.jsonl"
     code = annotate_main([str(rollouts), "-o", str(output), "--quiet", "--batch-size", "2"])
     rows = read_jsonl(output)

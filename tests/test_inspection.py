@@ -11,13 +11,13 @@ from trace_trl.annotators import Annotation, AnnotationRequest
 from trace_trl.cli import main as cli_main
 from trace_trl.inspection import (
     AnnotationView,
-    annotate_main,
     annotation_row,
     annotation_statistics,
     read_jsonl,
     render_annotations_html,
-    render_main,
 )
+from trace_trl.scripts.annotate import main as annotate_main
+from trace_trl.scripts.render import main as render_main
 from trace_trl.spans import Span
 
 

@@ -137,7 +137,7 @@ def test_random_span_annotator_defaults_to_a_quarter():
 
 
 def test_recipe_arguments_build_the_controls_and_pass_the_span_format():
-    from trace_trl.train import TraceScriptArguments, build_annotator
+    from trace_trl.scripts.train import TraceScriptArguments, build_annotator
 
     assert TraceScriptArguments().random_span_fraction == 0.25
     assert TraceScriptArguments().annotator_span_format == "segments"

@@ -499,8 +499,8 @@ def test_sampling_settings_are_checked_and_enter_the_cache_key(server):
 
 
 def test_reasoning_and_protocol_settings_reach_the_annotator_from_recipes_and_the_cli(tmp_path):
-    from trace_trl.inspection import _annotate_parser, _build_from_flags
-    from trace_trl.train import TraceScriptArguments, build_annotator
+    from trace_trl.scripts.annotate import _annotate_parser, _build_from_flags
+    from trace_trl.scripts.train import TraceScriptArguments, build_annotator
 
     template_file = tmp_path / "template.txt"
     template = "Problem: {problem}\nReference: {reference}\nRollout: {rollout}\n{verdict}\n{task}"

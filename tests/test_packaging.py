@@ -5,7 +5,7 @@ from __future__ import annotations
 import configparser
 from pathlib import Path
 
-from trace_trl.train import list_recipes, recipes_dir
+from trace_trl.scripts.train import list_recipes, recipes_dir
 
 
 ROOT = Path(__file__).resolve().parents[1]

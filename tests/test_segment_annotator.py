@@ -282,7 +282,8 @@ def test_segment_protocol_routes_tokens_in_a_real_trace_run(tiny_model_dir, tiny
 
 
 def test_annotate_command_uses_the_segment_protocol_by_default(server, tmp_path):
-    from trace_trl.inspection import annotate_main, read_jsonl
+    from trace_trl.inspection import read_jsonl
+    from trace_trl.scripts.annotate import main as annotate_main
 
     rollouts = tmp_path / "rollouts.jsonl"
     rows = [{"prompt": "Find x.", "completion": CORRECT, "is_correct": True, "reference": "x = 3"}]

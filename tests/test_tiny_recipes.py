@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from trace_trl.cli import main as cli_main
-from trace_trl.tiny_recipe import alternating_correctness_reward, offline_annotator, tiny_overrides
-from trace_trl.train import list_recipes, parse_args, resolve_recipe
+from trace_trl.scripts.tiny_recipe import alternating_correctness_reward, offline_annotator, tiny_overrides
+from trace_trl.scripts.train import list_recipes, parse_args, resolve_recipe
 
 
 def _recipe(name: str) -> dict:

@@ -12,7 +12,7 @@ import yaml
 from trace_trl import TRACEConfig
 from trace_trl.cli import main as cli_main
 from trace_trl.rewards import REWARD_FUNCTIONS
-from trace_trl.train import (
+from trace_trl.scripts.train import (
     ANNOTATORS,
     TraceScriptArguments,
     build_annotator,
@@ -233,7 +233,7 @@ def test_lora_recipes_use_the_papers_mechanics(name):
 
 def test_openthoughts_recipe_loads_disjoint_train_and_validation(monkeypatch):
     from trace_trl import data
-    from trace_trl.train import load_datasets
+    from trace_trl.scripts.train import load_datasets
 
     fixture = str(FIXTURES / "openthoughts_metadata.jsonl")
     monkeypatch.setattr(data, "PAPER_MAX_TRAIN_SAMPLES", 6)  # the 30K cap, made small

@@ -24,7 +24,7 @@ pytestmark = [
 def test_demo_with_vllm_trains_both_runs(tmp_path, monkeypatch, capfd):
     from trl.generation.vllm_generation import VLLMGeneration
 
-    from trace_trl import demo
+    from trace_trl.scripts import demo
 
     syncs = []
     original = VLLMGeneration.sync_weights

@@ -1,21 +1,23 @@
 """The `trace-trl` command line: `trace-trl <command> [args]`.
 
-Each command lives in its own module with a `main(argv) -> int`; this file only dispatches, so `trace-trl --help`
-stays fast (no torch import).
+Each command lives in its own module of `trace_trl/scripts/` (`trace-trl train` is `trace_trl/scripts/train.py`) with
+a `main(argv) -> int`; this file only dispatches, so `trace-trl --help` stays fast (no torch import).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("trace_trl.demo", "a complete TRACE run on CPU: tiny model, synthetic math, real annotator and rewards"),
-    "train": ("trace_trl.train", "train from a YAML recipe with command-line overrides (TRL's parser)"),
-    "eval": ("trace_trl.evaluation", "evaluate a model on MATH-500, AIME 2024/2025, AMC 2023 and GPQA-Diamond"),
-    "annotate": ("trace_trl.inspection", "run an annotator over a JSONL file or Hub dataset of rollouts"),
-    "render": ("trace_trl.inspection", "render annotations as a self-contained HTML page"),
+# Command -> one-line summary; the command's module is `trace_trl.scripts.<command>`.
+COMMANDS: dict[str, str] = {
+    "demo": "a complete TRACE run on CPU: tiny model, synthetic math, real annotator and rewards",
+    "train": "train from a YAML recipe with command-line overrides (TRL's parser)",
+    "eval": "evaluate a model on MATH-500, AIME 2024/2025, AMC 2023 and GPQA-Diamond",
+    "annotate": "run an annotator over a JSONL file or Hub dataset of rollouts",
+    "render": "render annotations as a self-contained HTML page",
 }
 
 
@@ -23,7 +25,7 @@ def _usage() -> str:
     from . import __version__
 
     lines = [f"trace-trl {__version__}", "", "usage: trace-trl <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [f"  {name:<10} {summary}" for name, summary in COMMANDS.items()]
     lines += ["", "Run `trace-trl <command> --help` for the options of a command."]
     return "\n".join(lines)
 
@@ -40,12 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"trace-trl: unknown command {command!r}.\n\n{_usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" Did you mean `trace-trl {close[0]}`?" if close else ""
+        print(f"trace-trl: unknown command {command!r}.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    # `inspection` serves two commands; every other module has a single `main`.
-    entry = getattr(module, f"{command}_main", None) or module.main
-    return int(entry(rest) or 0)
+    return int(importlib.import_module(f"trace_trl.scripts.{command}").main(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any
 
@@ -37,6 +36,13 @@ from .context import TeacherContextBuilder
 from .kl_channel import KLChannel
 from .losses import normalize_like_grpo
 from .model_card import add_trace_settings
+from .rollout_records import (  # noqa: F401 (COMPLETION_SPAN_COLUMNS: re-exported)
+    COMPLETION_SPAN_COLUMNS,
+    append_jsonl,
+    completion_span_columns,
+    rollout_dump_rows,
+    rollout_rewards,
+)
 from .routing import RoutedBatchBuilder
 from .schedule import kl_weight, kl_weight_sq_sum
 from .teacher import Teacher, remove_teacher_adapters
@@ -47,8 +53,6 @@ from .vllm_cpu import use_live_weights
 logger = logging.getLogger(__name__)
 
 TRACE_STATE_FILE = "trace_state.json"
-# Columns TRACE adds to TRL's completions table (`log_completions`); see `TRACETrainer._log_completion_spans`.
-COMPLETION_SPAN_COLUMNS = ("trace_routed", "trace_kind", "trace_type_label", "trace_annotation")
 
 _CITATION = """\
 @article{trace2026,
@@ -298,12 +302,14 @@ class TRACETrainer(GRPOTrainer):
 
     def _rollout_rewards(self, rewards_per_func: torch.Tensor, n_local: int) -> torch.Tensor:
         """This process's rollout rewards for correctness: one reward function's, or the weighted sum (NaN if unscored)."""
-        start = self.accelerator.process_index * n_local
-        local = rewards_per_func[start : start + n_local]
-        if self.args.correctness_reward_func is not None:
-            return local[:, self.reward_func_names.index(self.args.correctness_reward_func)]
-        weighted = (local * self.reward_weights.to(local.device).unsqueeze(0)).nansum(dim=1)
-        return weighted.masked_fill(torch.isnan(local).all(dim=1), math.nan)
+        name = self.args.correctness_reward_func
+        return rollout_rewards(
+            rewards_per_func,
+            n_local,
+            self.accelerator.process_index,
+            self.reward_weights,
+            None if name is None else self.reward_func_names.index(name),
+        )
 
     def _routed_batch(self, stash: dict[str, Any], output: dict[str, Any]) -> dict[str, torch.Tensor]:
         n = len(stash["prompts"])
@@ -351,74 +357,38 @@ class TRACETrainer(GRPOTrainer):
         return [record.row(i) for i, record in enumerate(self._batch_builder.last_batch)]
 
     def _log_completion_spans(self, n_local: int, routed: bool) -> None:
-        """Add the routed spans to TRL's completions table (`log_completions`: terminal, wandb, trackio, parquet).
+        """Add the routed spans to TRL's completions table (`log_completions`; columns: `completion_span_columns`).
 
-        Columns: `trace_routed` (the completion with its routed tokens in ⟦ ⟧, empty when nothing is routed),
-        `trace_kind` (`key` / `error`), `trace_type_label` and `trace_annotation` (`ok`, `not sent` when the rollout's
-        kind is not routed, `failed: <cause>`, `KL off`, or `eval (not annotated)`). GRPO has already flushed its extra
-        columns for this batch, so these are gathered and appended the same way, one value per rollout of every batch (train and eval), so
-        that every column of the table has one value per row.
+        GRPO has already flushed its extra columns for this batch, so these are gathered and appended the same way, one
+        value per rollout of every batch (train and eval), so that every column of the table has one value per row.
         """
         from accelerate.utils import gather_object
 
-        from .routing import mark_routed
-
-        columns: dict[str, list[str]] = {name: [""] * n_local for name in COMPLETION_SPAN_COLUMNS}
-        columns["trace_annotation"] = ["KL off" if self.model.training else "eval (not annotated)"] * n_local
-        if routed:
-            for i, record in enumerate(self._batch_builder.last_batch[:n_local]):
-                text = record.request.completion
-                if record.routed_chars:
-                    columns["trace_routed"][i] = mark_routed(text, record.routed_chars)
-                    columns["trace_kind"][i] = record.kind
-                columns["trace_type_label"][i] = record.type_label or ""
-                if not record.annotated:
-                    status = "not sent (kind not routed)"
-                elif record.annotation.failed:
-                    status = f"failed: {record.annotation.error}"
-                else:
-                    status = "ok"
-                columns["trace_annotation"][i] = status
-        for name in COMPLETION_SPAN_COLUMNS:
-            self._logs["extra"][name].extend(gather_object(columns[name]))
+        columns = completion_span_columns(
+            self._batch_builder.last_batch, n_local, training=self.model.training, routed=routed
+        )
+        for name, values in columns.items():
+            self._logs["extra"][name].extend(gather_object(values))
 
     def _dump_rollouts(self, stash: dict[str, Any]) -> None:
         """Append this generation batch's rollouts to `dump_rollouts` (JSONL in `trace-trl annotate`'s columns)."""
         from accelerate.utils import gather_object
 
-        from .annotators.base import prompt_to_text
-        from .routing import privileged_contexts
-
         n = len(stash["prompts"])
-        rewards = self._rollout_rewards(stash["rewards_per_func"], n).float().cpu().tolist()
-        texts = self._tokenizer.batch_decode(
-            [list(map(int, ids)) for ids in stash["completion_ids_list"]], skip_special_tokens=True
+        rows = rollout_dump_rows(
+            step=self.state.global_step,
+            prompts=stash["prompts"],
+            inputs=stash["inputs"],
+            completions=self._tokenizer.batch_decode(
+                [list(map(int, ids)) for ids in stash["completion_ids_list"]], skip_special_tokens=True
+            ),
+            rewards=self._rollout_rewards(stash["rewards_per_func"], n).float().cpu().tolist(),
+            correct_threshold=self.args.correct_reward_threshold,
+            privileged_context_column=self.args.privileged_context_column,
         )
-        column = self.args.privileged_context_column
-        references = (
-            privileged_contexts(stash["inputs"], column)
-            if stash["inputs"] and column in stash["inputs"][0]
-            else [None] * n
-        )
-        rows = [
-            {
-                "step": self.state.global_step,
-                "prompt": stash["prompts"][i],
-                "problem": prompt_to_text(stash["prompts"][i]),
-                "completion": texts[i],
-                "is_correct": bool(rewards[i] >= self.args.correct_reward_threshold),
-                "reward": None if math.isnan(rewards[i]) else rewards[i],
-                "reference": references[i],
-            }
-            for i in range(n)
-        ]
         rows = gather_object(rows)
         if self.accelerator.is_main_process:
-            path = os.path.abspath(self.args.dump_rollouts)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "a", encoding="utf-8") as handle:
-                for row in rows:
-                    handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            append_jsonl(self.args.dump_rollouts, rows)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
