@@ -64,3 +64,40 @@ def _deterministic_torch():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(False)
     yield
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Test tiers. `python -m pytest` runs the fast default tier; the tiers below are deselected unless asked for, with
+# `--all-tiers` (every tier; the vLLM tests still skip where vLLM is not installed) or an explicit `-m` expression
+# (`-m sharded`, `-m "slow or multiprocess or sharded"`). CI (`.ci/run`) runs the default tier, then the others.
+# ---------------------------------------------------------------------------------------------------------------------
+TIERS: tuple[str, ...] = ("slow", "multiprocess", "sharded", "vllm")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--all-tiers",
+        action="store_true",
+        help="run every test tier (slow, multiprocess, sharded, vllm), not only the fast default tier",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--all-tiers") or config.getoption("markexpr"):
+        return
+    kept, deselected = [], []
+    for item in items:
+        (deselected if any(item.get_closest_marker(tier) for tier in TIERS) else kept).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+        config._trace_deselected_tiers = len(deselected)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    count = getattr(config, "_trace_deselected_tiers", 0)
+    if count:
+        terminalreporter.write_line(
+            f"fast tier: {count} tests of the {', '.join(TIERS)} tiers were not run; "
+            '`python -m pytest --all-tiers` runs every tier, `-m "slow or multiprocess or sharded"` only those.'
+        )

@@ -15,7 +15,7 @@ def _launch(model_dir: str, out_dir: str, peft: bool) -> None:
     launch_two_processes("multiprocess_worker.py", [model_dir, out_dir, "1" if peft else "0"], out_dir)
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_two_processes_one_without_routed_tokens_match_one_process(tiny_model_dir, tmp_path, peft):
     out_dir = str(tmp_path)

@@ -61,7 +61,7 @@ ENGINES = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.sharded
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(
     ("peft", "tied"), [(False, False), (False, True), (True, True)], ids=["full-untied", "full-tied", "lora"]
@@ -124,7 +124,7 @@ def _check_against_one_process(dumps, model_dir, tmp_path, peft: bool, teacher_k
     assert_matches_one_process(trainer, model, inputs, dumps, CASES)
 
 
-@pytest.mark.slow
+@pytest.mark.sharded
 @pytest.mark.parametrize("engine", ENGINES)
 def test_sharded_engine_resumes_exactly_between_two_teacher_syncs(untied_tiny_model_dir, tmp_path, engine):
     """4 steps in one go vs. stopped at checkpoint-2 (the synced teacher syncs at steps 0 and 3, so the checkpoint
@@ -186,7 +186,7 @@ def test_sharded_engines_are_accepted_and_what_cannot_run_is_refused_with_advice
     assert _check_sharded_training(_fake_trainer(fsdp_version=1), grpo) is None
 
 
-@pytest.mark.slow
+@pytest.mark.sharded
 @pytest.mark.parametrize("teacher_kind", ["ema", "base", "live"])
 def test_fsdp2_other_teacher_kinds_match_one_process(untied_tiny_model_dir, tmp_path, teacher_kind):
     """The EMA teacher (updated shard by shard), the base teacher (a sharded snapshot of the initial weights) and
@@ -210,7 +210,7 @@ def test_fsdp2_other_teacher_kinds_match_one_process(untied_tiny_model_dir, tmp_
     _check_against_one_process(dumps, untied_tiny_model_dir, tmp_path, False, teacher_kind)
 
 
-@pytest.mark.slow
+@pytest.mark.sharded
 def test_fsdp2_with_gradient_checkpointing_matches_one_process(untied_tiny_model_dir, tmp_path, monkeypatch):
     """The recipes' setting: the decoder layers are recomputed in the backward; the KL hook runs once, in the forward."""
     dumps = _run_parity(untied_tiny_model_dir, tmp_path, "fsdp2", False, gradient_checkpointing=True)
@@ -227,7 +227,7 @@ TEACHER_CASES = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.sharded
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(("teacher_kind", "peft", "tied"), TEACHER_CASES)
 def test_sharded_teacher_forward_is_the_policy_after_every_update_and_freed_after_the_kl_phase(
