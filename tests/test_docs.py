@@ -1,0 +1,130 @@
+"""The docs cannot rot: metric names, commands and versions they cite exist in the code they describe."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "trace_trl"
+WORKFLOW = ROOT / "docs" / "workflow.md"
+
+# A metric name as the docs cite it: `trace/fkl_token_frac`, `annotator/requests`, or a bare TRL name in a table cell.
+_TRACE_METRIC = re.compile(r"`((?:trace|annotator)/[A-Za-z0-9_/]+)`")
+# A string literal (f-string or not) in our sources that names a metric; `{kind}` placeholders are kept.
+_SOURCE_METRIC = re.compile(r"""f?["']((?:trace|annotator)/[^"'\s]*)["']""")
+
+
+def _section(path: Path, heading: str) -> str:
+    """The text under `heading` up to the next heading of the same or a higher level."""
+    text = path.read_text()
+    start = text.index(heading)
+    level = len(heading) - len(heading.lstrip("#"))
+    following = re.compile(rf"^#{{1,{level}}} ", re.MULTILINE)
+    match = following.search(text, start + len(heading))
+    return text[start : match.start() if match else len(text)]
+
+
+def _metric_patterns() -> list[re.Pattern[str]]:
+    """One full-match pattern per metric-name literal in `trace_trl/`; an f-string placeholder (`trace/{kind}_mean`)
+    matches one lowercase word, so `trace/fkl_mean` is found but a misspelt `trace/fkl_means` is not."""
+    patterns = []
+    for path in PACKAGE.rglob("*.py"):
+        for literal in _SOURCE_METRIC.findall(path.read_text()):
+            pieces = re.split(r"\{[^}]*\}", literal)
+            patterns.append(re.compile("[a-z]+".join(re.escape(piece) for piece in pieces)))
+    return patterns
+
+
+def _exists_in_code(name: str, patterns: list[re.Pattern[str]]) -> bool:
+    return any(pattern.fullmatch(name) for pattern in patterns)
+
+
+def _trl_metric_names() -> set[str]:
+    """The metric names TRL's GRPOTrainer logs (`self._metrics[mode]["name"]`), from its source."""
+    import trl.trainer.grpo_trainer as grpo
+
+    return set(re.findall(r"""_metrics\[mode\]\[["']([^"'{}]+)["']\]""", Path(grpo.__file__).read_text()))
+
+
+def test_metric_matcher_tells_real_names_from_invented_ones():
+    patterns = _metric_patterns()
+    for real in ("trace/routed_token_frac", "trace/fkl_token_frac", "trace/rkl_mean", "trace/correct_frac"):
+        assert _exists_in_code(real, patterns), real
+    for invented in ("trace/routed_tokens_frac", "trace/fkl_token_fraction", "trace/nothing_routed"):
+        assert not _exists_in_code(invented, patterns), invented
+    assert {"reward", "frac_reward_zero_std"} <= _trl_metric_names()
+
+
+def test_which_preset_section_cites_only_metrics_that_exist():
+    """Every metric of docs/workflow.md's "Which preset?" is logged by trace_trl (its name is a literal, or an
+    f-string template, in our sources) or, for the bare names in its metric table, by TRL's GRPOTrainer."""
+    section = _section(WORKFLOW, "### Which preset?")
+    patterns = _metric_patterns()
+    cited = set(_TRACE_METRIC.findall(section))
+    assert {"trace/correct_frac", "trace/fkl_token_frac", "trace/rkl_token_frac", "trace/routed_token_frac"} <= cited
+    missing = sorted(name for name in cited if not _exists_in_code(name, patterns))
+    assert not missing, f"docs/workflow.md cites metrics that trace_trl never logs: {missing}"
+
+    # The first cell of each row of the metric table: bare names there are TRL's.
+    table = section[section.index("| metric |") :]
+    first_cells = re.findall(r"^\| ([^|]+) \|", table, re.MULTILINE)
+    bare = {name for cell in first_cells for name in re.findall(r"`([^`]+)`", cell) if "/" not in name}
+    assert "reward" in bare
+    unknown = sorted(bare - _trl_metric_names())
+    assert not unknown, f"docs/workflow.md cites metrics that TRL's GRPOTrainer never logs: {unknown}"
+
+
+def test_metric_tables_of_the_docs_cite_only_metrics_that_exist():
+    """The same check over every `trace/...` name of the README and docs/*.md (`trace/...` only: `annotator/*` names
+    come from annotators' own `metrics()` dicts)."""
+    patterns = _metric_patterns()
+    missing = {}
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        names = {n for n in _TRACE_METRIC.findall(path.read_text()) if n.startswith("trace/") and "*" not in n}
+        bad = sorted(n for n in names if not _exists_in_code(n, patterns))
+        if bad:
+            missing[path.name] = bad
+    assert not missing, f"metrics cited in the docs that trace_trl never logs: {missing}"
+
+
+def _user_facing_files() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "CHANGELOG.md", *(ROOT / "docs").rglob("*.md")]
+    files += [*(ROOT / "notebooks").glob("*.ipynb"), *PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.md")]
+    files += [*PACKAGE.rglob("*.yaml")]
+    return files
+
+
+def test_no_deprecated_huggingface_cli():
+    """`huggingface-cli login` is deprecated in huggingface_hub; the docs and messages say `hf auth login`."""
+    deprecated = "huggingface" + "-cli"  # split, so this file does not match itself
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in _user_facing_files()
+        if path.name != "CHANGELOG.md" and deprecated in path.read_text(errors="replace")
+    ]
+    assert not offenders, f"{deprecated} (deprecated; use `hf auth login`) in {offenders}"
+
+
+def test_docs_show_the_current_version_or_none():
+    """A sample output that shows trace-trl's version shows the current one (else it reads as stale)."""
+    from trace_trl import __version__
+
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for shown in re.findall(r'"trace_trl_version": "([^"]+)"', path.read_text()):
+            assert shown == __version__, f"{path.name} shows trace_trl_version {shown}, the package is {__version__}"
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/workflow.md"])
+def test_quickstart_extras_exist(path):
+    """Every extra a `pip install ".[...]"` line of the docs names exists in setup.cfg."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    extras = set(parser["options.extras_require"])
+    for group in re.findall(r'pip install "\.\[([^\]]+)\]"', (ROOT / path).read_text()):
+        assert set(group.split(",")) <= extras, f"{path}: unknown extra in .[{group}]"
