@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "trace_trl"
@@ -19,13 +17,19 @@ _SOURCE_METRIC = re.compile(r"""f?["']((?:trace|annotator)/[^"'\s]*)["']""")
 
 
 def _section(path: Path, heading: str) -> str:
-    """The text under `heading` up to the next heading of the same or a higher level."""
-    text = path.read_text()
-    start = text.index(heading)
+    """The text under `heading` up to the next heading of the same or a higher level (outside code blocks, where a
+    line may start with a `#` comment)."""
+    lines = path.read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.rstrip("\n") == heading)
     level = len(heading) - len(heading.lstrip("#"))
-    following = re.compile(rf"^#{{1,{level}}} ", re.MULTILINE)
-    match = following.search(text, start + len(heading))
-    return text[start : match.start() if match else len(text)]
+    in_code = False
+    for end in range(start + 1, len(lines)):
+        line = lines[end]
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        elif not in_code and re.match(rf"#{{1,{level}}} ", line):
+            return "".join(lines[start:end])
+    return "".join(lines[start:])
 
 
 def _metric_patterns() -> list[re.Pattern[str]]:
@@ -118,13 +122,38 @@ def test_docs_show_the_current_version_or_none():
             assert shown == __version__, f"{path.name} shows trace_trl_version {shown}, the package is {__version__}"
 
 
-@pytest.mark.parametrize("path", ["README.md", "docs/workflow.md"])
-def test_quickstart_extras_exist(path):
-    """Every extra a `pip install ".[...]"` line of the docs names exists in setup.cfg."""
+def _setup_cfg_extras() -> set[str]:
     import configparser
 
     parser = configparser.ConfigParser()
     parser.read(ROOT / "setup.cfg")
-    extras = set(parser["options.extras_require"])
-    for group in re.findall(r'pip install "\.\[([^\]]+)\]"', (ROOT / path).read_text()):
-        assert set(group.split(",")) <= extras, f"{path}: unknown extra in .[{group}]"
+    return set(parser["options.extras_require"])
+
+
+def test_readme_quickstart_says_which_extras_it_needs():
+    """The Quickstart's install line names every extra its code needs (the vLLM line needs `vllm`), and they exist."""
+    section = _section(ROOT / "README.md", "## Quickstart")
+    section = section[: section.index("### ")]  # the Quickstart itself, not its subsections
+    code = "\n".join(re.findall(r"```python\n(.*?)```", section, re.DOTALL))
+    needed = set()
+    if "OpenAIAnnotator" in code:
+        needed.add("openai")
+    if "accuracy_reward" in code:
+        needed.add("math")
+    if re.search(r"use_vllm\s*=\s*True", code):
+        needed.add("vllm")
+    assert needed == {"openai", "math", "vllm"}, "the test's view of the Quickstart is out of date"
+    installs = re.findall(r'^pip install "\.\[([^\]]+)\]"', section, re.MULTILINE)
+    assert installs, "the Quickstart shows its install line"
+    for group in installs:
+        listed = set(group.split(","))
+        assert needed <= listed, f"the Quickstart's install line misses {sorted(needed - listed)}"
+        assert listed <= _setup_cfg_extras(), f"unknown extras {sorted(listed - _setup_cfg_extras())}"
+
+
+def test_every_extra_the_docs_install_exists():
+    """Every extra a `pip install ".[...]"` line of the README or docs names exists in setup.cfg."""
+    extras = _setup_cfg_extras()
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for group in re.findall(r"""pip install ["']\.\[([^\]]+)\]["']""", path.read_text()):
+            assert set(group.split(",")) <= extras, f"{path.name}: unknown extra in .[{group}]"
