@@ -157,3 +157,88 @@ def test_every_extra_the_docs_install_exists():
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for group in re.findall(r"""pip install ["']\.\[([^\]]+)\]["']""", path.read_text()):
             assert set(group.split(",")) <= extras, f"{path.name}: unknown extra in .[{group}]"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `trace-trl <command> --flag` in the docs: the command exists and so does every flag
+# ---------------------------------------------------------------------------------------------------------------------
+
+_FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
+
+
+def _doc_invocations() -> list[tuple[str, str, str]]:
+    """`(file, command, text)` for every `trace-trl <command> ...` of a bash block or an inline code span of the README
+    and docs/*.md; continuation lines are joined, comments and what follows `&&`, `|` or `;` dropped."""
+    invocations = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        snippets = []
+        for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.DOTALL):
+            snippets += re.sub(r"\\\n\s*", " ", block).splitlines()
+        snippets += re.findall(r"(?<!`)`(trace-trl [^`\n]+)`(?!`)", text)
+        for snippet in snippets:
+            snippet = re.sub(r"(^|\s)#.*$", "", snippet)
+            for part in re.split(r"&&|\||;", snippet):
+                match = re.search(r"(?:^|\s)trace-trl\s+([a-z]+)(.*)$", part)
+                if match:
+                    invocations.append((path.name, match.group(1), match.group(2)))
+    return invocations
+
+
+def _help_text(command: str) -> str:
+    """`trace-trl <command> --help`, run in this process."""
+    import contextlib
+    import io
+
+    from trace_trl.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), contextlib.suppress(SystemExit):
+        main([command, "--help"])
+    return out.getvalue()
+
+
+def _source_literals() -> str:
+    return "\n".join(path.read_text() for path in PACKAGE.rglob("*.py"))
+
+
+def test_doc_invocations_are_found():
+    found = {(command, flag) for _, command, rest in _doc_invocations() for flag in _FLAG.findall(rest)}
+    # A few the docs certainly show; if these are not found, the parser above is broken, not the docs.
+    assert {("eval", "--paper"), ("train", "--tiny"), ("annotate", "--limit")} <= found
+
+
+def test_doc_commands_and_flags_exist():
+    """Every `trace-trl <command> --flag` the README and docs show names a command of `trace-trl` and a flag of its
+    `--help` (or, for flags a command reads before its parser, such as `train --tiny`, a `"--flag"` literal of the
+    package's sources)."""
+    from trace_trl.cli import COMMANDS
+
+    invocations = _doc_invocations()
+    unknown_commands = sorted({(name, command) for name, command, _ in invocations if command not in COMMANDS})
+    assert not unknown_commands, f"the docs run commands that trace-trl lacks: {unknown_commands}"
+    sources = _source_literals()
+    helps: dict[str, str] = {}
+    missing = set()
+    for name, command, rest in invocations:
+        for flag in _FLAG.findall(rest):
+            if command not in helps:
+                helps[command] = _help_text(command)
+            in_help = re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helps[command])
+            if not in_help and f'"{flag}"' not in sources:
+                missing.add((name, command, flag))
+    assert not missing, f"flags the docs show that the commands do not accept: {sorted(missing)}"
+
+
+def test_bash_blocks_install_from_a_checkout():
+    """trace-trl is not on PyPI yet: a shell block that installs it does so from a checkout (`.`, `-e .`) or the
+    repository URL, never as a bare `trace-trl` requirement that pip would look up on PyPI."""
+    offenders = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", path.read_text(), re.DOTALL):
+            for line in block.splitlines():
+                for part in re.split(r"&&|;|\|", re.sub(r"(^|\s)#.*$", "", line)):
+                    installs = re.match(r"\s*(python -m )?pip install\b", part)
+                    if installs and re.search(r"(?<![\w/.@-])[\"']?trace-trl\b", part) and "git+" not in part:
+                        offenders.append(f"{path.name}: {line.strip()}")
+    assert not offenders, f"installs from PyPI, where trace-trl is not yet: {offenders}"
