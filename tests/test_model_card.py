@@ -13,8 +13,10 @@ from trace_trl import TRACETrainer
 from trace_trl.annotators import AllTokensAnnotator, Annotation, RandomSpanAnnotator, RegexAnnotator
 from trace_trl.model_card import (
     REDACTED,
+    REPOSITORY_URL,
     add_trace_settings,
     annotator_card_settings,
+    describe_base_model,
     redact,
     secret_values,
     trace_fields,
@@ -118,6 +120,44 @@ def test_section_content(tmp_path):
     ):
         assert row in section
     assert "a\\|b" in section  # a pipe in a pattern does not break the table
+    # trace-trl is not on PyPI: the card links the repository users install from.
+    assert f"[trace-trl]({REPOSITORY_URL})" in section and "pypi.org" not in section
+
+
+def test_repository_url_is_the_package_url():
+    import configparser
+    from pathlib import Path
+
+    parser = configparser.ConfigParser()
+    parser.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert parser["metadata"]["url"] == REPOSITORY_URL
+
+
+TRL_UNKNOWN_BASE = (
+    "# Model Card for out\n\nThis model is a fine-tuned version of [None](https://huggingface.co/None) on the "
+    "[my/data](https://huggingface.co/datasets/my/data) dataset.\n"
+    "It has been trained using [TRL](https://github.com/huggingface/trl).\n"
+)
+
+
+def test_local_base_model_is_named_without_a_link():
+    card = describe_base_model(TRL_UNKNOWN_BASE, "/models/qwen3-tiny")
+    assert "[None]" not in card and "huggingface.co/None" not in card
+    assert "fine-tuned version of the local model `/models/qwen3-tiny` on the [my/data]" in card
+
+
+def test_unknown_base_model_is_not_named():
+    for unknown in (None, ""):
+        card = describe_base_model(TRL_UNKNOWN_BASE, unknown)
+        assert "None" not in card
+        assert "This model was fine-tuned on the [my/data](https://huggingface.co/datasets/my/data) dataset." in card
+    without_dataset = "This model is a fine-tuned version of [None](https://huggingface.co/None).\n"
+    assert describe_base_model(without_dataset, None) == "This model was fine-tuned.\n"
+
+
+def test_hub_base_model_link_is_kept():
+    card = "This model is a fine-tuned version of [Qwen/Qwen3-1.7B](https://huggingface.co/Qwen/Qwen3-1.7B).\n"
+    assert describe_base_model(card, "Qwen/Qwen3-1.7B") == card
 
 
 def test_redaction_of_environment_secrets(monkeypatch):
@@ -162,6 +202,8 @@ def test_trained_model_card_and_saved_state_hold_no_secret(tiny_model_dir, tmp_p
     assert "## TRACE settings" in card and "| `kl_coef` | `0.5` |" in card
     assert "`CardSettingsAnnotator` (model=`judge-model`)" in card
     assert "- trace" in card and "- self-distillation" in card
+    # The base model is a local folder: named plainly, never TRL's "[None](https://huggingface.co/None)".
+    assert "[None]" not in card and f"fine-tuned version of the local model `{tiny_model_dir}`" in card
     _assert_clean(card)
 
     checkpoint = output_dir / "checkpoint-1"
@@ -185,7 +227,9 @@ def test_save_model_elsewhere_writes_no_card_there(tiny_model_dir, tmp_path):
     trainer.save_model(str(other))
     assert not (other / "README.md").exists()
     trainer.save_model()
-    assert "## TRACE settings" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## TRACE settings" in card
+    assert "[None]" not in card and f"the local model `{tiny_model_dir}`" in card
 
 
 def test_failed_annotations_are_cards_too(tmp_path):

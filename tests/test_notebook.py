@@ -89,3 +89,25 @@ def test_install_line_installs_what_the_notebook_needs_and_works_before_pypi():
         listed = set(re.search(r"\[([^\]]+)\]", spec).group(1).split(","))
         assert needed <= listed, f"{line!r} misses the extras {sorted(needed - listed)}"
         assert listed <= set(extras), f"{line!r} names extras that setup.cfg lacks: {sorted(listed - set(extras))}"
+
+
+# The paper's two presets, exactly as TRACEConfig documents them.
+_PAPER_PRESETS = {("fkl", "grpo"): "TRACE-FKL", ("grpo", "rkl"): "TRACE-RKL"}
+
+
+def test_notebook_runs_a_paper_preset_and_says_which():
+    """The notebook's TRACEConfig uses one of the paper's presets (not a demo-only mix of both routed kinds) with the
+    paper's KL weight, and a markdown cell names that preset and when to use the other."""
+    import json
+    import re
+
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    code = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
+    markdown = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown")
+    key = re.findall(r'^\s*key_span_action="(\w+)"', code, re.MULTILINE)
+    error = re.findall(r'^\s*error_span_action="(\w+)"', code, re.MULTILINE)
+    assert len(key) == 1 and len(error) == 1, "the notebook sets both actions once"
+    preset = _PAPER_PRESETS.get((key[0], error[0]))
+    assert preset, f"key_span_action={key[0]!r}, error_span_action={error[0]!r} is not a paper preset"
+    assert not re.search(r"^\s*kl_coef=", code, re.MULTILINE), "the paper's KL weight (the default 0.5)"
+    assert f"**{preset}**" in markdown and "Which preset?" in markdown

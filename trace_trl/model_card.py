@@ -23,6 +23,8 @@ from . import __version__
 
 PAPER_URL = "https://huggingface.co/papers/2605.10194"
 TRL_URL = "https://github.com/huggingface/trl"
+# trace-trl is installed from a checkout of its repository (not on PyPI yet), so the card links the repository.
+REPOSITORY_URL = "https://github.com/trace-trl/trace-trl"
 SECTION_TITLE = "## TRACE settings"
 
 # GRPO fields shown for context next to TRACE's own.
@@ -142,7 +144,7 @@ def trace_settings_section(args: Any, annotator: Any = None) -> str:
         "annotator marks key spans of correct rollouts and error spans of incorrect ones; those tokens are distilled "
         "from the policy itself conditioned on privileged context (a reference solution), every other token gets the "
         "GRPO loss, and the distillation weight is annealed to zero after a warm-up. "
-        f"Implementation: [trace-trl](https://pypi.org/project/trace-trl/) {__version__} on [TRL]({TRL_URL}) "
+        f"Implementation: [trace-trl]({REPOSITORY_URL}) {__version__} on [TRL]({TRL_URL}) "
         f"{trl_version}.",
         "",
         "| Setting | Value |",
@@ -186,10 +188,29 @@ def redact(text: str, secrets: set[str]) -> str:
     return text
 
 
-def add_trace_settings(readme_path: str, args: Any, annotator: Any = None) -> None:
-    """Insert the "TRACE settings" section into the card at `readme_path` (before "## Citations"), then redact."""
+# TRL's card template links `base_model` to the Hub; for a local folder or an in-memory model it gets `None` and writes
+# "fine-tuned version of [None](https://huggingface.co/None)".
+_UNKNOWN_BASE_MODEL = re.compile(r"This model is a fine-tuned version of \[None\]\(https://huggingface\.co/None\)")
+
+
+def describe_base_model(card: str, base_model: str | None) -> str:
+    """
+    Replace TRL's "fine-tuned version of [None](https://huggingface.co/None)" in `card`: a local base model (a folder,
+    `base_model`) is named plainly, without a Hub link; an unknown one (`None` or empty) is not named at all. A card
+    that links a Hub model is returned unchanged.
+    """
+    if base_model:
+        replacement = f"This model is a fine-tuned version of the local model `{base_model}`"
+    else:
+        replacement = "This model was fine-tuned"
+    return _UNKNOWN_BASE_MODEL.sub(lambda _: replacement, card)
+
+
+def add_trace_settings(readme_path: str, args: Any, annotator: Any = None, base_model: str | None = None) -> None:
+    """Insert the "TRACE settings" section into the card at `readme_path` (before "## Citations"), name a base model
+    that TRL could not link (`base_model`: the model's local path, or `None` when unknown), then redact."""
     with open(readme_path, encoding="utf-8") as f:
-        card = f.read()
+        card = describe_base_model(f.read(), base_model)
     section = trace_settings_section(args, annotator)
     if SECTION_TITLE in card:  # a card written earlier in the same folder: replace the old section
         start = card.index(SECTION_TITLE)

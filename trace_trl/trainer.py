@@ -468,7 +468,11 @@ class TRACETrainer(GRPOTrainer):
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=[*tags, "self-distillation"])
         if self.is_world_process_zero():
-            add_trace_settings(os.path.join(self.args.output_dir, "README.md"), self.args, self.annotator)
+            # The model id TRL's card reads; a local folder or "" is what TRL renders as "[None]".
+            base_model = getattr(self.model.config, "_name_or_path", "") or None
+            add_trace_settings(
+                os.path.join(self.args.output_dir, "README.md"), self.args, self.annotator, base_model=base_model
+            )
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)

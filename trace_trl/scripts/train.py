@@ -191,7 +191,7 @@ def check_recipe_has_no_secrets(config: Any, path: str = "") -> None:
                 raise ValueError(
                     f"The recipe sets `{where}`, which looks like a credential. Secrets never go in a recipe (it is "
                     "copied into logs, checkpoints and Hub repos): export it in the environment instead, e.g. "
-                    "`export OPENAI_API_KEY=...` (see `annotator_api_key_env`) or `huggingface-cli login`."
+                    "`export OPENAI_API_KEY=...` (see `annotator_api_key_env`) or `hf auth login`."
                 )
             check_recipe_has_no_secrets(value, where)
     elif isinstance(config, list):
