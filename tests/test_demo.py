@@ -3,6 +3,7 @@ demo says, and the next steps."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -45,6 +46,18 @@ def test_demo_runs_grpo_and_trace_and_reports_both(demo_run):
     # Both start from the same checkpoint: the same "before" accuracy.
     before = {row[0]: row[1] for row in rows if len(row) >= 7 and row[1].endswith("%")}
     assert before["GRPO"] == before["TRACE"]
+    # Right under the single-seed table: this run's difference, then the replication study's, so one seed that
+    # points either way is not the headline.
+    after = {row[0]: row[2] for row in rows if len(row) >= 7 and row[1].endswith("%")}
+    difference = float(after["TRACE"].rstrip("%")) - float(after["GRPO"].rstrip("%"))
+    match = re.search(r"This run \(one seed\): TRACE minus GRPO = ([-+]\d+\.\d) pp", text)
+    assert match is not None and abs(float(match[1]) - difference) <= 0.11
+    assert f"(TRACE {after['TRACE']}, GRPO {after['GRPO']})" in text
+    lines = text.splitlines()
+    trace_row = next(i for i, line in enumerate(lines) if line.split()[:2] == ["TRACE", before["TRACE"]])
+    assert lines.index(next(line for line in lines if "This run (one seed)" in line)) > trace_row
+    assert "TRACE-FKL minus GRPO, greedy accuracy   +4.7 pp [-0.3, 11.6]" in text
+    assert "An interval that includes 0 is not evidence of a difference" in text
     assert "Next steps:" in text
     for hint in ("benchmarks/replication.py", "notebooks/trace_quickstart.ipynb", "trace-trl train"):
         assert hint in text

@@ -41,6 +41,36 @@ DEFAULT_TEACHER_CONTEXT_TEMPLATE = (
 )
 
 
+def is_cpu_precision_refusal(message: str) -> bool:
+    """Whether `message` is transformers' refusal of bf16 on a machine without a bf16-capable accelerator
+    (`TrainingArguments.__post_init__`: "Your setup doesn't support bf16/gpu. You need to assign use_cpu ...")."""
+    return "bf16/gpu" in message or ("bf16" in message and "use_cpu" in message)
+
+
+def cpu_precision_hint(*, cli: bool = False) -> str:
+    """What to do about that refusal, in the Python API's words or the command line's (`trace-trl train`)."""
+    if cli:
+        return "On a machine without a GPU: add `--use_cpu true --bf16 false`, or `--tiny` for a smoke run."
+    return (
+        "On a machine without a GPU, build the config with `TRACEConfig(..., use_cpu=True, bf16=False)` (float32 on "
+        "the CPU; TRL's GRPOConfig turns bf16 on by default) and pass it to the trainer as `args=`."
+    )
+
+
+class CPUPrecisionError(ValueError):
+    """bf16 (TRL's default) asked for where no device supports it: transformers' message plus what to do.
+
+    `reason` keeps transformers' message alone, so that the command line can give its own flags instead.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason} {cpu_precision_hint()}")
+
+    def __reduce__(self):  # pickled (e.g. across processes) from `reason`, not the message with its hint
+        return (type(self), (self.reason,))
+
+
 @dataclass
 class TRACEConfig(GRPOConfig):
     r"""
@@ -326,7 +356,14 @@ class TRACEConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as exc:
+            # TRL turns bf16 on by default, so a plain `TRACEConfig(output_dir=...)` on a laptop meets transformers'
+            # refusal, which names neither the field to turn off nor the value to pass.
+            if not is_cpu_precision_refusal(str(exc)):
+                raise
+            raise CPUPrecisionError(str(exc)) from exc
         self._check_trace_fields()
 
     @classmethod

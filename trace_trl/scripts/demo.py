@@ -363,6 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"    {run.seconds:5.0f} s"
         )
     print()
+    # One seed can point either way; the study's numbers beside it keep the first thing a user sees from misleading.
+    from trace_trl.study_summary import study_comparison_lines
+
+    print("\n".join(study_comparison_lines(grpo.accuracy_after, trace.accuracy_after)))
+    print()
     if trace.routed_frac is not None:
         print(
             f"  TRACE routed {trace.routed_frac:.1%} of the tokens to the KL channel while it was on (the rest: GRPO);"

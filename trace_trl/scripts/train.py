@@ -490,9 +490,11 @@ def _parse(argv: list[str]):
     try:
         return parser.parse_args_and_config(argv)
     except ValueError as exc:  # a field's validation (TRACEConfig, GRPOConfig, TrainingArguments __post_init__)
-        message = str(exc)
-        if "bf16/gpu" in message or ("bf16" in message and "use_cpu" in message):
-            message += " On a machine without a GPU: add `--use_cpu true --bf16 false`, or `--tiny` for a smoke run."
+        from trace_trl.config import CPUPrecisionError, cpu_precision_hint, is_cpu_precision_refusal
+
+        message = exc.reason if isinstance(exc, CPUPrecisionError) else str(exc)
+        if is_cpu_precision_refusal(message):  # the same hint as the Python API's, in flags
+            message += f" {cpu_precision_hint(cli=True)}"
         _short_error(message)
 
 
