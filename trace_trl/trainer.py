@@ -37,6 +37,7 @@ from .context import TeacherContextBuilder
 from .kl_channel import KLChannel
 from .losses import normalize_like_grpo
 from .model_card import add_trace_settings
+from .reward_checks import check_reward_funcs
 from .routing import RoutedBatchBuilder
 from .schedule import kl_weight, kl_weight_sq_sum
 from .teacher import Teacher, remove_teacher_adapters
@@ -147,6 +148,8 @@ class TRACETrainer(GRPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        # A reward function that forgets its `return` fails naming itself, not as TRL's "'NoneType' is not iterable".
+        self.reward_funcs = check_reward_funcs(self.reward_funcs, self.reward_func_names)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
                 "The model has no trainable parameter, so training would change nothing. With a PEFT model, load it "
