@@ -57,7 +57,7 @@ def print_error(error: BaseException, prog: str = "trace-trl train") -> None:
 # Field names: command-line flags and recipe keys
 # ---------------------------------------------------------------------------------------------------------------------
 
-HELP_HINT = "`trace-trl train --help` lists every field."
+HELP_HINT = "Run `trace-trl train --help` for every field."
 
 
 def parser_option_strings(parser: Any) -> set[str]:
