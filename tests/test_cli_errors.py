@@ -298,6 +298,28 @@ def test_checked_reward_func_keeps_the_name_and_trl_semantics():
         checked_reward_func(lambda completions, **kw: 1.0, "scalar")(completions=["a", "b"])
 
 
+def test_async_reward_functions_stay_async_and_are_checked():
+    import asyncio
+
+    from trl.trainer.utils import is_async_callable
+
+    from trace_trl.reward_checks import RewardFunctionError, checked_reward_func
+
+    async def judge(completions, **kwargs):
+        return None
+
+    checked = checked_reward_func(judge)
+    assert is_async_callable(checked) and checked.__name__ == "judge"
+    with pytest.raises(RewardFunctionError, match="'judge' returned None"):
+        asyncio.run(checked(completions=["a"]))
+
+
+def test_tiny_with_a_missing_model_override_fails_before_building(nothing_heavy, capsys):
+    assert cli_main(["train", RECIPE, "--tiny", "--model_name_or_path", "./no-such-model"]) == 2
+    assert "`--model_name_or_path ./no-such-model`" in _error(capsys)[0]
+    assert not list(nothing_heavy.iterdir())
+
+
 def test_trainer_wraps_rewards_and_names_the_one_that_returned_none(tiny_model_dir, tiny_tokenizer, tmp_path):
     import torch
     from trainer_helpers import math_dataset, parity_reward, trace_config

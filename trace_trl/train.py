@@ -755,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         get_reward_funcs(script_args.reward_funcs)
         check_report_to(training_args.report_to)
-        if workdir is None:  # the tiny model is built below
+        if workdir is None or model_args.model_name_or_path != str(workdir / "model"):  # the tiny one is built below
             check_model_path(model_args.model_name_or_path)
     except CommandLineError as exc:
         print_error(exc)
