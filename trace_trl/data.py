@@ -274,7 +274,7 @@ def load_math_dataset(
     else:
         columns = _SOURCE_COLUMNS[source]
     for role, column in columns.items():
-        _require_column(raw, column, role=role, name_or_path=name_or_path)
+        _require_column(raw, column, role=role, name_or_path=name_or_path, needed=columns)
     for column in keep_columns:
         _require_column(raw, column, role="kept", name_or_path=name_or_path)
 
@@ -505,12 +505,26 @@ def check_solutions(
     return dataset.select([i for i in range(len(dataset)) if i not in empty_set])
 
 
-def _require_column(dataset: Dataset, column: str, *, role: str, name_or_path: str) -> None:
+class MissingColumnError(ValueError):
+    """A column a loader reads is not in the dataset; `trace-trl train` turns it into an error naming its flags."""
+
+    def __init__(self, message: str, *, column: str, role: str, available: list[str], needed: dict[str, str]):
+        super().__init__(message)
+        self.column, self.role, self.available, self.needed = column, role, available, needed
+
+
+def _require_column(
+    dataset: Dataset, column: str, *, role: str, name_or_path: str, needed: dict[str, str] | None = None
+) -> None:
     if column not in dataset.column_names:
-        role = "the privileged context" if role == "solution" else f"the {role}"
-        raise ValueError(
-            f"Column {column!r} ({role}) not found in {name_or_path}; available columns: {dataset.column_names}. "
-            "Pass `source=` to pick a known schema or the `*_column` arguments to map your columns."
+        described = "the privileged context" if role == "solution" else f"the {role}"
+        raise MissingColumnError(
+            f"Column {column!r} ({described}) not found in {name_or_path}; available columns: {dataset.column_names}. "
+            "Pass `source=` to pick a known schema or the `*_column` arguments to map your columns.",
+            column=column,
+            role=role,
+            available=list(dataset.column_names),
+            needed=dict(needed or {role: column}),
         )
 
 

@@ -36,6 +36,7 @@ from .context import TeacherContextBuilder
 from .kl_channel import KLChannel
 from .losses import normalize_like_grpo
 from .model_card import add_trace_settings
+from .reward_checks import check_reward_funcs
 from .rollout_records import (  # noqa: F401 (COMPLETION_SPAN_COLUMNS: re-exported)
     COMPLETION_SPAN_COLUMNS,
     append_jsonl,
@@ -151,6 +152,8 @@ class TRACETrainer(GRPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        # A reward function that forgets its `return` fails naming itself, not as TRL's "'NoneType' is not iterable".
+        self.reward_funcs = check_reward_funcs(self.reward_funcs, self.reward_func_names)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
                 "The model has no trainable parameter, so training would change nothing. With a PEFT model, load it "

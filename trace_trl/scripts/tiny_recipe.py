@@ -22,6 +22,7 @@ Flags after `--tiny` still win, e.g. `trace-trl train qwen3-8b-trace-fkl --tiny 
 from __future__ import annotations
 
 import json
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -102,18 +103,26 @@ def build_tiny_model(output_dir: str | Path, dataset_path: str | Path) -> str:
     return save_tiny_model(build_tiny_qwen3(tokenizer, hidden_size=64, num_layers=2), tokenizer, output_dir)
 
 
-def tiny_overrides(recipe: dict[str, Any], workdir: str | Path | None = None) -> list[str]:
-    """Command-line overrides that turn `recipe` (its parsed YAML) into a tiny CPU run; builds the model and data.
+def new_tiny_workdir() -> Path:
+    """A fresh folder name for a tiny run's model, data and output, in the temp folder; not created yet.
 
-    Returns `--field value` pairs to put after the recipe and before the user's own flags (which then win).
+    `trace-trl train --tiny` names it first, checks every argument, and only then builds into it: an error leaves
+    nothing behind.
     """
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="trace-trl-tiny-"))
-    dataset_path = write_tiny_dataset(workdir / "data" / "problems.jsonl")
-    model_path = build_tiny_model(workdir / "model", dataset_path)
+    return Path(tempfile.gettempdir()) / f"trace-trl-tiny-{secrets.token_hex(6)}"
+
+
+def tiny_settings(recipe: dict[str, Any], workdir: str | Path) -> list[str]:
+    """Command-line overrides that turn `recipe` (its parsed YAML) into a tiny CPU run, with paths under `workdir`.
+
+    Builds nothing ([`build_tiny_assets`] does). Returns `--field value` pairs to put after the recipe and before the
+    user's own flags (which then win).
+    """
+    workdir = Path(workdir)
     settings = {
         **TINY_SETTINGS,
-        "model_name_or_path": model_path,
-        "dataset_name": dataset_path,
+        "model_name_or_path": str(workdir / "model"),
+        "dataset_name": str(workdir / "data" / "problems.jsonl"),
         "output_dir": str(workdir / "output"),
     }
     annotator = offline_annotator(recipe.get("annotator"))
@@ -127,4 +136,19 @@ def tiny_overrides(recipe: dict[str, Any], workdir: str | Path | None = None) ->
     argv += ["--reward_weights", *map(str, reward_weights), "0.0"]
     # Every word, so a random model's rollouts have spans of both kinds and the KL channel runs.
     argv += ["--regex_key_patterns", MATCH_EVERY_WORD, "--regex_error_patterns", MATCH_EVERY_WORD]
+    return argv
+
+
+def build_tiny_assets(workdir: str | Path) -> None:
+    """Write the tiny dataset and build the tiny model at the paths [`tiny_settings`] names under `workdir`."""
+    workdir = Path(workdir)
+    dataset_path = write_tiny_dataset(workdir / "data" / "problems.jsonl")
+    build_tiny_model(workdir / "model", dataset_path)
+
+
+def tiny_overrides(recipe: dict[str, Any], workdir: str | Path | None = None) -> list[str]:
+    """[`tiny_settings`] for `recipe`, with the model and data built (in a new temp folder unless `workdir` is given)."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="trace-trl-tiny-"))
+    argv = tiny_settings(recipe, workdir)
+    build_tiny_assets(workdir)
     return argv

@@ -40,6 +40,8 @@ from trace_trl.annotator_factory import (  # noqa: F401 (ANNOTATORS, SPAN_FORMAT
     AnnotatorSettings,
     build_annotator,
 )
+from trace_trl.cli_errors import CommandLineError, check_model_path, dataset_column_error, did_you_mean, print_error
+from trace_trl.trackers import check_report_to
 
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,10 @@ class TraceScriptArguments(AnnotatorSettings, ScriptArguments):
         reward_funcs (`list[str]`, *optional*, defaults to `["accuracy_reward", "format_reward"]`):
             Reward functions by name (`trace_trl.rewards.REWARD_FUNCTIONS`) or dotted import path. Weights go in
             `reward_weights` (a `TRACEConfig` field).
+        console_log (`str`, *optional*, defaults to `"compact"`):
+            What the console prints per logging step: `"compact"`, one line with the numbers a person watches
+            ([`~trace_trl.console.compact_line`]), or `"full"`, transformers' whole log dict. Trackers (`report_to`)
+            and `trainer_state.json` get every metric either way.
     """
 
     # Dataset (beyond TRL's `dataset_name`, `dataset_config`, `dataset_train_split`, `dataset_test_split`)
@@ -142,6 +148,17 @@ class TraceScriptArguments(AnnotatorSettings, ScriptArguments):
         },
     )
 
+    # Console
+    console_log: str = field(
+        default="compact",
+        metadata={
+            "help": "What the console prints per logging step: 'compact' (one line: step, loss, reward, KL weight, "
+            "routed fraction, entropy, ...) or 'full' (transformers' whole log dict). Trackers get every metric "
+            "either way.",
+            "choices": ["compact", "full"],
+        },
+    )
+
     def __post_init__(self):
         AnnotatorSettings.__post_init__(self)
         for name in (
@@ -176,8 +193,9 @@ def resolve_recipe(name_or_path: str) -> str:
     shipped = recipes_dir() / f"{name}.yaml"
     if shipped.is_file():
         return str(shipped)
+    suggestion = did_you_mean(name, list_recipes(), quote="'")
     raise FileNotFoundError(
-        f"No recipe file {name_or_path!r} and no shipped recipe named {name!r}. Shipped recipes: "
+        f"No recipe file {name_or_path!r} and no shipped recipe named {name!r}.{suggestion} Shipped recipes: "
         f"{', '.join(list_recipes())}."
     )
 
@@ -249,10 +267,19 @@ def get_reward_funcs(names: list[str]) -> list[Any]:
         elif "." in name:
             module_name, attribute = name.rsplit(".", 1)
             sys.path.insert(0, os.getcwd())
-            funcs.append(getattr(importlib.import_module(module_name), attribute))
+            try:
+                funcs.append(getattr(importlib.import_module(module_name), attribute))
+            except (ModuleNotFoundError, AttributeError) as exc:
+                if isinstance(exc, ModuleNotFoundError) and not module_name.startswith(exc.name or "\0"):
+                    raise  # the module exists but imports a missing package: its own error says which
+                raise CommandLineError(
+                    f"`--reward_funcs {name}`: cannot import {attribute!r} from {module_name!r} ({exc}).",
+                    "A dotted path is `module.function`, importable from the current folder.",
+                ) from exc
         else:
-            raise ValueError(
-                f"Unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or a dotted import path."
+            raise CommandLineError(
+                f"`--reward_funcs {name}`: unknown reward function.{did_you_mean(name, REWARD_FUNCTIONS)}",
+                f"Reward functions: {', '.join(sorted(REWARD_FUNCTIONS))}, or a dotted import path (module.function).",
             )
     check_reward_dependencies(funcs)
     return funcs
@@ -307,17 +334,20 @@ def load_datasets(script_args: TraceScriptArguments, training_args) -> tuple[Any
         strip_thinking=script_args.strip_thinking,
         drop_empty_solutions=script_args.drop_empty_solutions,
     )
-    train_dataset = data.load_math_dataset(
-        script_args.dataset_name,
-        split=script_args.dataset_train_split,
-        limit=script_args.max_train_samples,
-        **dataset_kwargs,
-    )
-    eval_dataset = None
-    if evaluating:
-        eval_dataset = data.load_math_dataset(
-            script_args.dataset_name, split=script_args.dataset_test_split, **dataset_kwargs
+    try:
+        train_dataset = data.load_math_dataset(
+            script_args.dataset_name,
+            split=script_args.dataset_train_split,
+            limit=script_args.max_train_samples,
+            **dataset_kwargs,
         )
+        eval_dataset = None
+        if evaluating:
+            eval_dataset = data.load_math_dataset(
+                script_args.dataset_name, split=script_args.dataset_test_split, **dataset_kwargs
+            )
+    except data.MissingColumnError as exc:  # in the command line's words: the flag that maps the column
+        raise dataset_column_error(exc, script_args.dataset_name, source) from exc
     return train_dataset, eval_dataset
 
 
@@ -329,8 +359,11 @@ def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import get_peft_config, get_quantization_config
 
+    from trace_trl.console import install_console_log
     from trace_trl.trainer import TRACETrainer
 
+    # Before anything loads: a tracker that is not installed would fail only once the Trainer is built.
+    check_report_to(training_args.report_to)
     set_seed(training_args.seed)
 
     ###############
@@ -348,9 +381,11 @@ def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    logger.info(f"Model parameters {model_args}")
-    logger.info(f"Script parameters {script_args}")
-    logger.info(f"Training parameters {training_args}")
+    # The full configuration is hundreds of fields; `--console_log full` prints it, the compact console does not.
+    log_config = logger.info if script_args.console_log == "full" else logger.debug
+    log_config(f"Model parameters {model_args}")
+    log_config(f"Script parameters {script_args}")
+    log_config(f"Training parameters {training_args}")
 
     # Check for last checkpoint
     last_checkpoint = None
@@ -370,6 +405,8 @@ def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
             "random_like_openai, random_like_self, openai, self) or set `kl_coef: 0` for plain GRPO."
         )
     logger.info(f"Annotator: {type(annotator).__name__ if annotator is not None else None}")
+
+    check_model_path(model_args.model_name_or_path)  # a mistyped local folder fails now, not after a Hub lookup
 
     ################
     # Load datasets
@@ -416,6 +453,7 @@ def run(script_args: TraceScriptArguments, training_args, model_args) -> Any:
         quantization_config=get_quantization_config(model_args),
         annotator=annotator,
     )
+    install_console_log(trainer, script_args.console_log)
 
     ###############
     # Training loop
@@ -520,36 +558,91 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tiny = "--tiny" in argv
     argv = [arg for arg in argv if arg != "--tiny"]
+    # Everything is checked before anything is built (the `--tiny` model and data included): a typo costs a second.
     try:
         argv = _config_argv(argv)
+        _check_field_names(argv)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"trace-trl train: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
+    workdir = None
     if tiny:
-        argv = _with_tiny_overrides(argv)
+        argv, workdir = _with_tiny_overrides(argv)
     try:
         script_args, training_args, model_args = _parse(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    run(script_args, training_args, model_args)
+    try:
+        get_reward_funcs(script_args.reward_funcs)
+        check_report_to(training_args.report_to)
+        if workdir is None or model_args.model_name_or_path != str(workdir / "model"):  # the tiny one is built below
+            check_model_path(model_args.model_name_or_path)
+    except CommandLineError as exc:
+        print_error(exc)
+        return 2
+    try:
+        if workdir is not None:
+            from trace_trl.scripts.tiny_recipe import build_tiny_assets
+
+            print(f"trace-trl train --tiny: a tiny Qwen3 on CPU, {training_args.output_dir}", file=sys.stderr)
+            build_tiny_assets(workdir)
+        run(script_args, training_args, model_args)
+    except CommandLineError as exc:
+        _remove_tiny_workdir(workdir)
+        print_error(exc)
+        return 2
+    except BaseException:
+        _remove_tiny_workdir(workdir)
+        raise
     return 0
 
 
-def _with_tiny_overrides(argv: list[str]) -> list[str]:
-    """`argv` with the `--tiny` overrides after the recipe and before the user's flags (which still win)."""
+def _check_field_names(argv: list[str]) -> None:
+    """Refuse unknown flags and recipe keys with a "did you mean" (`--kl_coeff` -> `--kl_coef`), before parsing.
+
+    TrlParser's own errors ("not used by the HfArgumentParser", "set `fail_with_unknown_args=False`") name Python
+    arguments a command-line user cannot pass.
+    """
     import yaml
 
-    from trace_trl.scripts.tiny_recipe import tiny_overrides
+    from trace_trl.cli_errors import check_flags, check_recipe_keys
+
+    parser = make_parser()
+    overrides = list(argv)
+    if "--config" in overrides:
+        index = overrides.index("--config")
+        recipe_path = overrides[index + 1]
+        del overrides[index : index + 2]
+        with open(recipe_path) as f:
+            recipe = yaml.safe_load(f)
+        if isinstance(recipe, dict):
+            check_recipe_keys(recipe, parser, recipe_path)
+    check_flags(overrides, parser)
+
+
+def _remove_tiny_workdir(workdir: Path | None) -> None:
+    """Remove a `--tiny` run's temp folder after an error (it holds only the tiny model, data and partial output)."""
+    import shutil
+
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _with_tiny_overrides(argv: list[str]) -> tuple[list[str], Path]:
+    """`argv` with the `--tiny` overrides after the recipe and before the user's flags (which still win), and the
+    folder they name for the tiny model, data and output; nothing is built yet (see `tiny_recipe.build_tiny_assets`)."""
+    import yaml
+
+    from trace_trl.scripts.tiny_recipe import new_tiny_workdir, tiny_settings
 
     if "--config" not in argv:
         raise SystemExit("trace-trl train: --tiny needs a recipe, e.g. `trace-trl train qwen3-8b-trace-fkl --tiny`.")
     index = argv.index("--config") + 2
     with open(argv[index - 1]) as f:
         recipe = yaml.safe_load(f) or {}
-    overrides = tiny_overrides(recipe)
-    output_dir = overrides[overrides.index("--output_dir") + 1]
-    print(f"trace-trl train --tiny: a tiny Qwen3 on CPU, {output_dir}", file=sys.stderr)
-    return [*argv[:index], *overrides, *argv[index:]]
+    workdir = new_tiny_workdir()
+    overrides = tiny_settings(recipe, workdir)
+    return [*argv[:index], *overrides, *argv[index:]], workdir
 
 
 if __name__ == "__main__":
