@@ -42,6 +42,15 @@ def test_cli_dispatches_each_command_to_its_script(command, monkeypatch):
     assert cli.main([command, "--x"]) == 0 and seen == [["--x"]]
 
 
+def test_a_mistyped_command_gets_a_suggestion(capsys):
+    from trace_trl import cli
+
+    assert cli.main(["trian"]) == 2
+    assert "unknown command 'trian'. Did you mean `trace-trl train`?" in capsys.readouterr().err
+    assert cli.main(["zzz"]) == 2
+    assert "Did you mean" not in capsys.readouterr().err
+
+
 def test_library_modules_hold_no_command_line():
     """No module at the top of `trace_trl/` parses a command line (except the dispatcher and the deprecated aliases)."""
     aliases = {"train", "demo", "tiny_recipe"}

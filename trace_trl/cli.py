@@ -6,7 +6,6 @@ a `main(argv) -> int`; this file only dispatches, so `trace-trl --help` stays fa
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import sys
 
@@ -42,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        close = difflib.get_close_matches(command, COMMANDS, n=1)
-        hint = f" Did you mean `trace-trl {close[0]}`?" if close else ""
+        from .cli_errors import closest  # standard library only: `trace-trl --help` stays fast
+
+        match = closest(command, COMMANDS)
+        hint = f" Did you mean `trace-trl {match}`?" if match else ""
         print(f"trace-trl: unknown command {command!r}.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     return int(importlib.import_module(f"trace_trl.scripts.{command}").main(rest) or 0)

@@ -93,7 +93,6 @@ def install_console_log(trainer: Any, mode: str = "compact") -> None:
     callbacks = trainer.callback_handler.callbacks
     for i, callback in enumerate(callbacks):
         if type(callback) is ProgressCallback:
-            compact = CompactProgressCallback(max_str_len=callback.max_str_len)
-            callbacks[i] = compact
+            callbacks[i] = CompactProgressCallback(max_str_len=callback.max_str_len)
         elif type(callback) is PrinterCallback:
             callbacks[i] = CompactPrinterCallback()

@@ -219,8 +219,6 @@ def check_recipe_has_no_secrets(config: Any, path: str = "") -> None:
 
 def _config_argv(argv: list[str]) -> list[str]:
     """`[recipe, *overrides]` or `[--config, recipe, *overrides]` -> TrlParser's `[--config, file, *overrides]`."""
-    import yaml
-
     argv = list(argv)
     if argv and not argv[0].startswith("-"):
         argv = ["--config", argv[0], *argv[1:]]
@@ -229,9 +227,19 @@ def _config_argv(argv: list[str]) -> list[str]:
         if index >= len(argv):
             raise ValueError("`--config` needs a recipe file or name.")
         argv[index] = resolve_recipe(argv[index])
-        with open(argv[index]) as f:
-            check_recipe_has_no_secrets(yaml.safe_load(f))
     return argv
+
+
+def _read_recipe(argv: list[str]) -> dict[str, Any] | None:
+    """The parsed YAML of the recipe `argv` names after `--config` (`None` without one), refused if it holds a secret."""
+    import yaml
+
+    if "--config" not in argv:
+        return None
+    with open(argv[argv.index("--config") + 1]) as f:
+        recipe = yaml.safe_load(f)
+    check_recipe_has_no_secrets(recipe)
+    return recipe
 
 
 def make_parser():
@@ -521,18 +529,18 @@ def _short_error(message: str) -> None:
     raise SystemExit(2)
 
 
-def _parse(argv: list[str]):
-    """`make_parser().parse_args_and_config(argv)`, with argparse and config errors as short messages."""
-    parser = make_parser()
+def _parse(argv: list[str], parser=None):
+    """`parser.parse_args_and_config(argv)` (`make_parser()` by default), with argparse and config errors as short
+    messages."""
+    parser = parser or make_parser()
     parser.error = _short_error  # argparse prints ~250 lines of usage before the one line that matters
     try:
         return parser.parse_args_and_config(argv)
     except ValueError as exc:  # a field's validation (TRACEConfig, GRPOConfig, TrainingArguments __post_init__)
-        from trace_trl.config import CPUPrecisionError, cpu_precision_hint, is_cpu_precision_refusal
+        from trace_trl.config import CPUPrecisionError, cpu_precision_hint
 
-        message = exc.reason if isinstance(exc, CPUPrecisionError) else str(exc)
-        if is_cpu_precision_refusal(message):  # the same hint as the Python API's, in flags
-            message += f" {cpu_precision_hint(cli=True)}"
+        # The Python API's hint names `use_cpu=True, bf16=False`; the command line names its flags.
+        message = f"{exc.reason} {cpu_precision_hint(cli=True)}" if isinstance(exc, CPUPrecisionError) else str(exc)
         _short_error(message)
 
 
@@ -559,17 +567,19 @@ def main(argv: list[str] | None = None) -> int:
     tiny = "--tiny" in argv
     argv = [arg for arg in argv if arg != "--tiny"]
     # Everything is checked before anything is built (the `--tiny` model and data included): a typo costs a second.
+    parser = make_parser()
     try:
         argv = _config_argv(argv)
-        _check_field_names(argv)
+        recipe = _read_recipe(argv)
+        _check_field_names(argv, recipe, parser)
     except (FileNotFoundError, ValueError) as exc:
         print_error(exc)
         return 2
     workdir = None
     if tiny:
-        argv, workdir = _with_tiny_overrides(argv)
+        argv, workdir = _with_tiny_overrides(argv, recipe)
     try:
-        script_args, training_args, model_args = _parse(argv)
+        script_args, training_args, model_args = _parse(argv, parser)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
@@ -597,24 +607,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_field_names(argv: list[str]) -> None:
+def _check_field_names(argv: list[str], recipe: dict[str, Any] | None, parser) -> None:
     """Refuse unknown flags and recipe keys with a "did you mean" (`--kl_coeff` -> `--kl_coef`), before parsing.
 
     TrlParser's own errors ("not used by the HfArgumentParser", "set `fail_with_unknown_args=False`") name Python
     arguments a command-line user cannot pass.
     """
-    import yaml
-
     from trace_trl.cli_errors import check_flags, check_recipe_keys
 
-    parser = make_parser()
     overrides = list(argv)
     if "--config" in overrides:
         index = overrides.index("--config")
         recipe_path = overrides[index + 1]
         del overrides[index : index + 2]
-        with open(recipe_path) as f:
-            recipe = yaml.safe_load(f)
         if isinstance(recipe, dict):
             check_recipe_keys(recipe, parser, recipe_path)
     check_flags(overrides, parser)
@@ -628,20 +633,16 @@ def _remove_tiny_workdir(workdir: Path | None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _with_tiny_overrides(argv: list[str]) -> tuple[list[str], Path]:
+def _with_tiny_overrides(argv: list[str], recipe: dict[str, Any] | None) -> tuple[list[str], Path]:
     """`argv` with the `--tiny` overrides after the recipe and before the user's flags (which still win), and the
     folder they name for the tiny model, data and output; nothing is built yet (see `tiny_recipe.build_tiny_assets`)."""
-    import yaml
-
     from trace_trl.scripts.tiny_recipe import new_tiny_workdir, tiny_settings
 
     if "--config" not in argv:
         raise SystemExit("trace-trl train: --tiny needs a recipe, e.g. `trace-trl train qwen3-8b-trace-fkl --tiny`.")
     index = argv.index("--config") + 2
-    with open(argv[index - 1]) as f:
-        recipe = yaml.safe_load(f) or {}
     workdir = new_tiny_workdir()
-    overrides = tiny_settings(recipe, workdir)
+    overrides = tiny_settings(recipe or {}, workdir)
     return [*argv[:index], *overrides, *argv[index:]], workdir
 
 
